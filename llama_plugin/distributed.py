@@ -1,0 +1,90 @@
+"""Process groups and seeds: torch.distributed + megatron-core parallel_state for one layout.
+
+Under torchrun the rank and world size come from the environment; a plain `python` process is a
+world of one (an in-memory store, no port). The backend is NCCL with CUDA, gloo without; on the CPU
+the compatibility layer is activated here, before megatron-core touches a device.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from llama_plugin import cpu_compat
+
+
+def init_distributed(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> None:
+    """Initialize torch.distributed (once) and megatron-core's model-parallel groups."""
+    cpu_compat.activate()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"parallel layout: world size {world} is not divisible by "
+            f"tensor_model_parallel_size * pipeline_model_parallel_size = "
+            f"{tensor_parallel} * {pipeline_parallel}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    try:
+        fn(*args)
+    finally:
+        shutdown()
+
+
+def run_in_world(world_size: int, fn, *args) -> None:
+    """Run `fn(*args)` on `world_size` local processes (a torchrun-like environment each).
+
+    Under torchrun (RANK set) or for a world of one it simply calls `fn` in this process.
+    """
+    if "RANK" in os.environ or world_size == 1:
+        fn(*args)
+        return
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawned, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

@@ -1,0 +1,123 @@
+"""LLaMA as a megatron-core GPTModel: TransformerConfig from a model recipe, the model, its facts.
+
+The parallel layout is not a model property: `build_gpt_model` reads it from megatron-core's
+parallel_state (see distributed.py), so the same recipe builds a TP=1 or a TP=2/PP=2 model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from llama_plugin.spec import HAVE_TE, llama_block_spec
+
+
+class ModelConfigError(ValueError):
+    """A model shape that cannot be built (in this parallel layout); names the field."""
+
+
+def ffn_hidden_size(model) -> int:
+    """SwiGLU width: the recipe's value, or LLaMA's int(2/3 * 4d) rounded up to `ffn_multiple_of`."""
+    if model.ffn_hidden_size is not None:
+        return model.ffn_hidden_size
+    m = model.ffn_multiple_of
+    return m * ((int(2 * 4 * model.hidden_size / 3) + m - 1) // m)
+
+
+def num_query_groups(model) -> int:
+    return model.num_query_groups or model.num_attention_heads
+
+
+def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+    """Raise ModelConfigError naming the first field that does not fit the model or the layout."""
+    heads, groups = model.num_attention_heads, num_query_groups(model)
+    rules = [
+        (model.hidden_size % heads == 0, "model.hidden_size",
+         f"hidden_size={model.hidden_size} is not divisible by num_attention_heads={heads}"),
+        (heads % groups == 0, "model.num_query_groups",
+         f"num_attention_heads={heads} is not divisible by num_query_groups={groups}"),
+        (heads % tensor_parallel == 0, "model.num_attention_heads",
+         f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
+        (groups % tensor_parallel == 0, "model.num_query_groups",
+         f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
+        (ffn_hidden_size(model) % tensor_parallel == 0, "model.ffn_hidden_size",
+         f"ffn_hidden_size={ffn_hidden_size(model)} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
+        (model.vocab_size % tensor_parallel == 0, "model.vocab_size",
+         f"vocab_size={model.vocab_size} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
+        (model.num_layers % pipeline_parallel == 0, "model.num_layers",
+         f"num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size={pipeline_parallel}"),
+    ]
+    for ok, field, message in rules:
+        if not ok:
+            raise ModelConfigError(f"{field}: {message}")
+
+
+def transformer_config(
+    model,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool | None = None,
+    perform_initialization: bool = True,
+    **overrides,
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for a LLaMA model recipe in a given parallel layout.
+
+    `overrides` pass straight to TransformerConfig (recompute, overlap and fusion knobs).
+    """
+    check_model_shape(model, tensor_parallel, pipeline_parallel)
+    on_gpu = torch.cuda.is_available()
+    settings = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=num_query_groups(model),
+        ffn_hidden_size=ffn_hidden_size(model),
+        # LLaMA: pre-norm RMSNorm, SwiGLU (silu-gated linear unit), no biases, no dropout.
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel and tensor_parallel > 1,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
+        perform_initialization=perform_initialization,
+        # Fused kernels exist only on GPU.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and not HAVE_TE,
+        apply_rope_fusion=on_gpu and HAVE_TE,
+    )
+    settings.update(overrides)
+    return TransformerConfig(**settings)
+
+
+def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = None) -> GPTModel:
+    """This rank's part of the model: embedding on the first stage, output layer on the last."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=llama_block_spec(config, vp_stage=vp_stage),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+        rotary_percent=1.0,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,31 @@
+"""RMSNorm for the local (non-TransformerEngine) path.
+
+LLaMA normalizes with RMSNorm: y = x / sqrt(mean(x^2) + eps) * g, the statistic in fp32. Under sequence
+parallelism each tensor-parallel rank normalizes a different slice of the sequence, so the gradient
+of `g` is partial on every rank and must be summed across the tensor-parallel group. megatron-core
+does that sum (`finalize_model_grads`) for parameters marked `sequence_parallel=True`; its
+`WrappedTorchNorm` refuses sequence parallelism instead, hence this module.
+"""
+
+import torch
+from megatron.core.transformer import TransformerConfig
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"normalization={config.normalization!r}: LLaMA uses RMSNorm")
+        self.eps = eps
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device=device)
+        )
+        # Tells finalize_model_grads to all-reduce this grad over the tensor-parallel group.
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As Meta's reference: normalize in fp32, cast back, then scale.
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return normed * self.weight

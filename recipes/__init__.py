@@ -1,0 +1,45 @@
+"""The recipe tree: Hydra config groups (model/, ...) and the schemas in schema.py.
+
+`compose(name, overrides, schema)` composes a top-level recipe with Hydra CLI-style overrides and
+validates it against its schema; every mistake is a `RecipeError` naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parent
+
+
+class RecipeError(ValueError):
+    """A recipe or override is wrong; the message names the field."""
+
+
+def validate(cfg: DictConfig, schema: type) -> DictConfig:
+    """Merge `cfg` into `schema`: unknown keys, wrong types and missing values raise RecipeError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        missing = sorted(OmegaConf.missing_keys(merged))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise RecipeError(f"recipe field {key!r}: {e}".replace("\n", "; ")) from None
+    if missing:
+        raise RecipeError(f"recipe fields without a value: {', '.join(missing)}")
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def compose(name: str, overrides: list[str] | tuple[str, ...] = (), schema: type | None = None):
+    """Compose recipes/<name>.yaml with overrides such as `model=llama_7b model.num_layers=4`."""
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
+            cfg = hydra_compose(config_name=name, overrides=list(overrides))
+    except HydraException as e:
+        raise RecipeError(" ".join(str(e).split())) from None
+    return validate(cfg, schema) if schema is not None else cfg
