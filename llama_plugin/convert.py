@@ -31,9 +31,22 @@ from llama_plugin.model import build_gpt_model, check_model_shape, transformer_c
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _tp_shard(full: torch.Tensor, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+# How megatron-core splits each weight over tensor-parallel ranks: the dimension, or None if replicated.
+# (Read from the names: megatron-core marks parameters only when it initializes them itself.)
+_TP_SPLIT_DIM = {
+    "embedding.word_embeddings.weight": 0,      # vocab-parallel embedding
+    "output_layer.weight": 0,                   # column-parallel over the vocabulary
+    "self_attention.linear_qkv.weight": 0,      # column-parallel over query groups
+    "mlp.linear_fc1.weight": 0,                 # column-parallel, gate and up halves split alike
+    "self_attention.linear_proj.weight": 1,     # row-parallel
+    "mlp.linear_fc2.weight": 1,                 # row-parallel
+}
+
+
+def _tp_shard(full: torch.Tensor, name: str) -> torch.Tensor:
     """This tensor-parallel rank's slice of a global tensor, as megatron-core lays it out."""
-    if not getattr(param, "tensor_model_parallel", False):
+    dim = next((d for suffix, d in _TP_SPLIT_DIM.items() if name.endswith(suffix)), None)
+    if dim is None:
         return full
     rank = parallel_state.get_tensor_model_parallel_rank()
     size = parallel_state.get_tensor_model_parallel_world_size()
@@ -41,7 +54,7 @@ def _tp_shard(full: torch.Tensor, name: str, param: torch.nn.Parameter) -> torch
         # Each rank holds [its gate rows; its up rows], so the gated halves stay together.
         gate, up = torch.chunk(full, 2, dim=0)
         return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]])
-    return torch.chunk(full, size, dim=param.partition_dim)[rank]
+    return torch.chunk(full, size, dim=dim)[rank]
 
 
 def load_hf_into(model, model_cfg, weights: hf.HFWeights) -> None:
@@ -54,7 +67,7 @@ def load_hf_into(model, model_cfg, weights: hf.HFWeights) -> None:
             full = hf.mcore_global_tensor(m.group(2), global_layer, model_cfg, weights)
         else:
             full = hf.mcore_global_tensor(name, None, model_cfg, weights)
-        local = _tp_shard(full, name, param)
+        local = _tp_shard(full, name)
         if local.shape != param.shape:
             raise hf.HFFolderError(f"{weights.dir}: tensor for '{name}' has shape {tuple(local.shape)}, model needs {tuple(param.shape)}")
         with torch.no_grad():
