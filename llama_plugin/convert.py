@@ -26,26 +26,14 @@ from megatron.core import parallel_state
 
 from llama_plugin import checkpoint, hf
 from llama_plugin.distributed import init_distributed, run_in_world
-from llama_plugin.model import build_gpt_model, check_model_shape, transformer_config
+from llama_plugin.model import build_gpt_model, check_model_shape, tp_split_dim, transformer_config
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-# How megatron-core splits each weight over tensor-parallel ranks: the dimension, or None if replicated.
-# (Read from the names: megatron-core marks parameters only when it initializes them itself.)
-_TP_SPLIT_DIM = {
-    "embedding.word_embeddings.weight": 0,      # vocab-parallel embedding
-    "output_layer.weight": 0,                   # column-parallel over the vocabulary
-    "self_attention.linear_qkv.weight": 0,      # column-parallel over query groups
-    "mlp.linear_fc1.weight": 0,                 # column-parallel, gate and up halves split alike
-    "self_attention.linear_proj.weight": 1,     # row-parallel
-    "mlp.linear_fc2.weight": 1,                 # row-parallel
-}
-
-
 def _tp_shard(full: torch.Tensor, name: str) -> torch.Tensor:
     """This tensor-parallel rank's slice of a global tensor, as megatron-core lays it out."""
-    dim = next((d for suffix, d in _TP_SPLIT_DIM.items() if name.endswith(suffix)), None)
+    dim = tp_split_dim(name)
     if dim is None:
         return full
     rank = parallel_state.get_tensor_model_parallel_rank()

@@ -77,14 +77,16 @@ def _spawned(rank: int, world: int, port: int, fn, args) -> None:
         shutdown()
 
 
-def run_in_world(world_size: int, fn, *args) -> None:
-    """Run `fn(*args)` on `world_size` local processes (a torchrun-like environment each).
-
-    Under torchrun (RANK set) or for a world of one it simply calls `fn` in this process.
-    """
-    if "RANK" in os.environ or world_size == 1:
-        fn(*args)
-        return
+def spawn_world(world_size: int, fn, *args) -> None:
+    """Run `fn(*args)` in `world_size` new local processes, each with a torchrun-like environment."""
     import torch.multiprocessing as mp
 
     mp.spawn(_spawned, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def run_in_world(world_size: int, fn, *args) -> None:
+    """`fn(*args)` on every rank: in this process under torchrun or for a world of one, else spawned."""
+    if "RANK" in os.environ or world_size == 1:
+        fn(*args)
+    else:
+        spawn_world(world_size, fn, *args)

@@ -10,9 +10,26 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from llama_plugin.spec import HAVE_TE, llama_block_spec
+
+
+# How megatron-core splits each weight over tensor-parallel ranks (by name suffix): the dimension;
+# anything else (the RMSNorm weights) is replicated.
+_TP_SPLIT_DIM = {
+    "embedding.word_embeddings.weight": 0,      # vocab-parallel embedding
+    "output_layer.weight": 0,                   # column-parallel over the vocabulary
+    "self_attention.linear_qkv.weight": 0,      # column-parallel over query groups
+    "mlp.linear_fc1.weight": 0,                 # column-parallel; gate and up halves split alike
+    "self_attention.linear_proj.weight": 1,     # row-parallel
+    "mlp.linear_fc2.weight": 1,                 # row-parallel
+}
+
+
+def tp_split_dim(name: str) -> int | None:
+    return next((d for suffix, d in _TP_SPLIT_DIM.items() if name.endswith(suffix)), None)
 
 
 class ModelConfigError(ValueError):
@@ -108,7 +125,7 @@ def transformer_config(
 
 def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = None) -> GPTModel:
     """This rank's part of the model: embedding on the first stage, output layer on the last."""
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=llama_block_spec(config, vp_stage=vp_stage),
         vocab_size=model.vocab_size,
@@ -121,3 +138,10 @@ def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = Non
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
+    if not config.perform_initialization:
+        # megatron-core marks parameters as tensor-parallel only while initializing them; the grad
+        # norm (which counts replicated parameters once) and the optimizer rely on the marks.
+        for name, param in model.named_parameters():
+            dim = tp_split_dim(name)
+            set_tensor_model_parallel_attributes(param, dim is not None, dim if dim is not None else -1, 1)
+    return model

@@ -1,0 +1,125 @@
+"""One optimizer step with megatron-core: DDP wrapping, the optimizer, the forward/backward schedule.
+
+These are the pieces the training loop composes and the parallel-equivalence tests drive directly:
+  wrap_ddp(...)        megatron DDP (contiguous grad buffers, bucketed and optionally overlapped
+                       reduce-scatter / all-reduce)
+  build_optimizer(...) megatron's Adam(W) with clipping, optionally the distributed optimizer
+  train_step(...)      zero grads, run the schedule (no pipelining, or 1F1B for PP > 1) over the
+                       micro-batches, finalize grads (DP reduce, SP norm-grad and embedding sync),
+                       step; returns the loss averaged over tokens and the pre-clip grad norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass
+class Batch:
+    """One micro-batch: tokens [b, s], labels [b, s] (the next tokens), loss_mask [b, s]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+
+
+def wrap_ddp(model_chunks, config: TransformerConfig, *, overlap_grad_reduce: bool = False,
+             use_distributed_optimizer: bool = False, bucket_size: int | None = None):
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=bucket_size,
+    )
+    chunks = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+        for i, m in enumerate(model_chunks)
+    ]
+    for c in chunks:
+        c.broadcast_params()  # every data-parallel replica starts from rank 0's weights
+    # The schedules read these from the config: grad sync is deferred to the last micro-batch.
+    if overlap_grad_reduce:
+        config.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
+    config.finalize_model_grads_func = finalize_model_grads
+    return chunks
+
+
+def build_optimizer(model_chunks, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                    clip_grad: float = 1.0, params_dtype=torch.float32, use_distributed_optimizer=False,
+                    min_lr: float | None = None):
+    cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        min_lr=min_lr if min_lr is not None else lr,
+        weight_decay=weight_decay,
+        adam_beta1=betas[0],
+        adam_beta2=betas[1],
+        adam_eps=eps,
+        clip_grad=clip_grad,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(cfg, model_chunks)
+    for c in model_chunks:
+        c.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    tokens = mask.sum().to(torch.int)
+    # The schedule divides `total` by `tokens` (and by the number of micro-batches).
+    return total, tokens, {"lm_loss": torch.stack([total.detach(), tokens.float()])}
+
+
+def _forward_step(data_iterator, model):
+    b = next(data_iterator)
+    positions = torch.arange(b.tokens.shape[1]).unsqueeze(0).expand_as(b.tokens)
+    per_token_loss = model(b.tokens, positions, None, labels=b.labels)
+    return per_token_loss, lambda output: _loss_func(b.loss_mask, output)
+
+
+def train_step(model_chunks, optimizer, micro_batches: list[Batch]) -> tuple[float, float, bool]:
+    """(loss, grad_norm, update_successful) of one optimizer step over this rank's micro-batches.
+
+    The loss is the token-weighted mean over the micro-batches of all data-parallel ranks; every
+    rank returns the same value.
+    """
+    for c in model_chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    b, s = micro_batches[0].tokens.shape
+    stats = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(micro_batches),
+        model=model_chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    return reduce_loss(stats), float(grad_norm if grad_norm is not None else float("nan")), update_successful
+
+
+def reduce_loss(stats: list[dict]) -> float:
+    """Token-weighted mean of the micro-batch losses over the data-parallel group, on every rank."""
+    total = torch.zeros(2)
+    if parallel_state.is_pipeline_last_stage():
+        for s in stats:
+            total += s["lm_loss"]
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(total[0] / total[1])

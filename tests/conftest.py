@@ -1,0 +1,36 @@
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+def make_hf_llama(path, *, num_key_value_heads=4, seed=0, dtype="float32", num_layers=2, vocab=512):
+    """A randomly initialised tiny HF LlamaForCausalLM saved as config.json + model.safetensors."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=128,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """(path, model) of a tiny multi-head HF LLaMA; 4 layers so PP=2 has 2 per stage."""
+    path = tmp_path_factory.mktemp("hf_tiny")
+    return path, make_hf_llama(path, num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_gqa(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_tiny_gqa")
+    return path, make_hf_llama(path, num_key_value_heads=2, seed=1, num_layers=4)

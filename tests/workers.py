@@ -1,0 +1,78 @@
+"""Functions that run inside spawned test worlds (importable, so torch.multiprocessing can pickle them)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from llama_plugin import cpu_compat
+from llama_plugin.convert import load_hf_into
+from llama_plugin.distributed import init_distributed
+from llama_plugin.hf import HFWeights, model_config_from_hf
+from llama_plugin.model import build_gpt_model, transformer_config
+from llama_plugin.train_step import Batch, build_optimizer, train_step, wrap_ddp
+
+GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 32
+
+
+def fixed_batches(vocab: int, steps: int) -> list[list[Batch]]:
+    """Per step, the global batch as micro-batches, identical for every layout.
+
+    Two batches alternate, so a few steps visibly lower the loss (memorization).
+    """
+    gen = torch.Generator().manual_seed(1234)
+    pool = [torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=gen) for _ in range(2)]
+    out = []
+    for step in range(steps):
+        data = pool[step % 2]
+        mask = torch.ones(GLOBAL_BATCH, SEQ)
+        mask[0, :5] = 0  # uneven token counts per micro-batch exercise the token weighting
+        out.append([
+            Batch(data[i:i + MICRO_BATCH, :-1], data[i:i + MICRO_BATCH, 1:], mask[i:i + MICRO_BATCH])
+            for i in range(0, GLOBAL_BATCH, MICRO_BATCH)
+        ])
+    return out
+
+
+def train_layout(result_path: str, hf_dir: str, layout: dict, steps: int = 6) -> None:
+    """Train `steps` optimizer steps in `layout` from the HF weights; rank 0 writes losses/grad norms."""
+    from megatron.core import parallel_state
+
+    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[layout.get("dtype", "fp32")]
+    model_cfg, _ = model_config_from_hf(hf_dir)
+    init_distributed(tp, pp)
+    config = transformer_config(
+        model_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype,
+        sequence_parallel=layout.get("sequence_parallel", False), perform_initialization=False,
+    )
+    model = build_gpt_model(model_cfg, config)
+    load_hf_into(model, model_cfg, HFWeights(hf_dir))
+    if layout.get("unmark_sequence_parallel_norms"):
+        # The bug the equivalence test must catch: norm grads not summed over the TP group.
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.sequence_parallel = False
+    chunks = wrap_ddp(
+        [model], config, overlap_grad_reduce=layout.get("overlap_grad_reduce", False),
+        use_distributed_optimizer=layout.get("distributed_optimizer", False),
+        bucket_size=layout.get("bucket_size"),
+    )
+    optimizer = build_optimizer(
+        chunks, lr=3e-3, weight_decay=0.1, clip_grad=1.0, params_dtype=dtype,
+        use_distributed_optimizer=layout.get("distributed_optimizer", False),
+    )
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    losses, grad_norms = [], []
+    for step_batches in fixed_batches(model_cfg.vocab_size, steps):
+        per_rank = len(step_batches) // dp
+        mine = step_batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        loss, grad_norm, ok = train_step(chunks, optimizer, mine)
+        assert ok
+        losses.append(loss)
+        grad_norms.append(grad_norm)
+    if torch.distributed.get_rank() == 0:
+        with open(result_path, "w") as f:
+            json.dump({"losses": losses, "grad_norms": grad_norms, "cpu_compat": cpu_compat.is_active()}, f)
