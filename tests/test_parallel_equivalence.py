@@ -50,3 +50,23 @@ def test_unmarked_sequence_parallel_norm_is_caught(reference, hf_tiny, tmp_path)
     got = run_layout(tmp_path, hf_tiny[0], 2, layout, "broken")
     assert max_diff(got["grad_norms"], reference["grad_norms"]) > 100 * TOL
     assert max_diff(got["losses"], reference["losses"]) > 10 * TOL
+
+
+# bf16 keeps 8 significant bits (relative rounding 2**-8 ~ 4e-3 per op), so bf16 runs are compared
+# with the fp32 run: losses within 1e-2 absolute, grad norms within 2e-2 relative over 6 steps.
+BF16_LOSS_TOL, BF16_GRAD_NORM_RTOL = 1e-2, 2e-2
+BF16_LAYOUTS = {
+    "tp1": (1, {"dtype": "bf16"}),
+    "tp2_sequence_parallel": (2, {"dtype": "bf16", "tp": 2, "sequence_parallel": True}),
+    "dp2_distributed_optimizer": (2, {"dtype": "bf16", "overlap_grad_reduce": True, "distributed_optimizer": True}),
+}
+
+
+@pytest.mark.parametrize("name", BF16_LAYOUTS)
+def test_bf16_close_to_fp32(name, reference, hf_tiny, tmp_path):
+    world, layout = BF16_LAYOUTS[name]
+    got = run_layout(tmp_path, hf_tiny[0], world, layout, name)
+    assert got["param_dtypes"] == ["torch.bfloat16"]
+    assert 0 < max_diff(got["losses"], reference["losses"]) <= BF16_LOSS_TOL
+    for g, r in zip(got["grad_norms"], reference["grad_norms"], strict=True):
+        assert abs(g - r) <= BF16_GRAD_NORM_RTOL * r

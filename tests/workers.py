@@ -75,4 +75,19 @@ def train_layout(result_path: str, hf_dir: str, layout: dict, steps: int = 6) ->
         grad_norms.append(grad_norm)
     if torch.distributed.get_rank() == 0:
         with open(result_path, "w") as f:
-            json.dump({"losses": losses, "grad_norms": grad_norms, "cpu_compat": cpu_compat.is_active()}, f)
+            json.dump({
+                "losses": losses, "grad_norms": grad_norms, "cpu_compat": cpu_compat.is_active(),
+                "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+            }, f)
+
+
+def parity_layout(result_path: str, ckpt_dir: str, tp: int, pp: int, sequences: list, prompt: list, new_tokens: int):
+    """Logits of `sequences` and greedy ids after `prompt` from a checkpoint loaded in TP x PP."""
+    from llama_plugin.generate import generate_ids, last_stage_logits, load_for_inference
+
+    model, _ = load_for_inference(ckpt_dir, tp, pp)
+    with torch.no_grad():
+        logits = [last_stage_logits(model, torch.tensor([s])) for s in sequences]
+    ids = generate_ids(model, prompt, new_tokens, greedy=True)
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:  # a last-stage rank
+        torch.save({"logits": [x[0] for x in logits], "ids": ids}, result_path)
