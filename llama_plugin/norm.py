@@ -17,7 +17,8 @@ class RMSNorm(torch.nn.Module):
         if config.normalization != "RMSNorm":
             raise ValueError(f"normalization={config.normalization!r}: LLaMA uses RMSNorm")
         self.eps = eps
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        # With CPU initialization: the default device (the CPU, or "meta" when only counting).
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(
             torch.ones(hidden_size, dtype=config.params_dtype, device=device)
         )

@@ -10,11 +10,18 @@ from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from recipes.schema import DescribeConfig
+
 RECIPES_DIR = Path(__file__).resolve().parent
+
+# Top-level recipes list their schema first in `defaults:`, so every field exists (and can be set
+# without `+`) and Hydra checks types while composing; `validate` re-checks the final result.
+ConfigStore.instance().store(name="describe_schema", node=DescribeConfig)
 
 
 class RecipeError(ValueError):
@@ -24,11 +31,14 @@ class RecipeError(ValueError):
 def validate(cfg: DictConfig, schema: type) -> DictConfig:
     """Merge `cfg` into `schema`: unknown keys, wrong types and missing values raise RecipeError."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        # Plain values first: a node that is already typed (by Hydra's compose) may carry keys that
+        # `+key=` added past its schema, and merging it would keep them.
+        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         missing = sorted(OmegaConf.missing_keys(merged))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise RecipeError(f"recipe field {key!r}: {e}".replace("\n", "; ")) from None
+        raise RecipeError(f"recipe field {key!r}: {str(e).splitlines()[0]}") from None
     if missing:
         raise RecipeError(f"recipe fields without a value: {', '.join(missing)}")
     OmegaConf.set_readonly(merged, True)
@@ -41,5 +51,6 @@ def compose(name: str, overrides: list[str] | tuple[str, ...] = (), schema: type
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
             cfg = hydra_compose(config_name=name, overrides=list(overrides))
     except HydraException as e:
-        raise RecipeError(" ".join(str(e).split())) from None
+        message = " ".join(str(e).split()).split(" Config search path")[0]
+        raise RecipeError(message) from None
     return validate(cfg, schema) if schema is not None else cfg

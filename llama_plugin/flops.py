@@ -1,0 +1,20 @@
+"""Training FLOPs per token, the numerator of model FLOPs utilization (MFU).
+
+PaLM (Chowdhery et al. 2022, appendix B): 6N + 12·L·H·Q·T per token, where
+  N = parameters that take part in matrix multiplies: all but the input embedding (a lookup);
+      the output projection counts. Norm weights are included; they are negligible.
+  L, H, Q, T = layers, query heads, head dim, sequence length: the QK^T and attention-times-V
+      matmuls, counted over the full T x T matrix as PaLM does (flash attention skips the masked
+      half, so this slightly overstates the work done, and MFU accordingly).
+The factor 6 = 2 (multiply-add) x 3 (forward, and a backward that costs twice the forward).
+Activation recomputation is not counted: MFU counts model FLOPs, not hardware FLOPs.
+"""
+
+FORMULA = "6*N_matmul + 12*L*H*Q*T (PaLM appendix B; N_matmul excludes the input embedding)"
+
+
+def flops_per_token(num_parameters: int, model) -> int:
+    n_matmul = num_parameters - model.vocab_size * model.hidden_size
+    head_dim = model.hidden_size // model.num_attention_heads
+    attention = 12 * model.num_layers * model.num_attention_heads * head_dim * model.seq_length
+    return 6 * n_matmul + attention

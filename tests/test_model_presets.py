@@ -1,0 +1,84 @@
+"""Size presets carry the paper's numbers; describe counts parameters from the model megatron builds."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llama_plugin.describe import count_parameters, describe
+from recipes import RecipeError, compose
+from recipes.schema import DescribeConfig
+
+# LLaMA paper (table 2) and LLAMA_FACTS.md: exact untied parameter counts with vocab 32,000.
+PAPER = {
+    "llama_7b": dict(params=6_738_415_616, dim=4096, heads=32, layers=32, ffn=11008),
+    "llama_13b": dict(params=13_015_864_320, dim=5120, heads=40, layers=40, ffn=13824),
+    "llama_33b": dict(params=32_528_943_616, dim=6656, heads=52, layers=60, ffn=17920),
+    "llama_65b": dict(params=65_285_660_672, dim=8192, heads=64, layers=80, ffn=22016),
+}
+
+
+def model_cfg(*overrides):
+    return compose("describe", list(overrides), DescribeConfig).model
+
+
+@pytest.mark.parametrize("preset", PAPER)
+def test_preset_matches_paper(preset):
+    facts = describe(model_cfg(f"model={preset}"))
+    want = PAPER[preset]
+    assert facts["num_parameters"] == want["params"]
+    assert (facts["hidden_size"], facts["num_attention_heads"], facts["num_layers"], facts["ffn_hidden_size"]) == (
+        want["dim"], want["heads"], want["layers"], want["ffn"])
+    assert (facts["vocab_size"], facts["seq_length"], facts["norm_epsilon"], facts["rotary_base"]) == (32000, 2048, 1e-6, 10000)
+    assert facts["num_query_groups"] == facts["num_attention_heads"]  # LLaMA-1: multi-head attention
+    assert facts["share_embeddings_and_output_weights"] is False
+
+
+def test_flops_per_token_from_matmul_shapes():
+    """The 6N + attention formula against a count of every matmul in one layer (fwd x 3 for training)."""
+    m = model_cfg("model=llama_7b")
+    d, ffn, layers, v, t = 4096, 11008, 32, 32000, 2048
+    forward_per_layer = 2 * (d * 3 * d + d * d + 3 * d * ffn) + 2 * 2 * t * d  # qkv, proj, swiglu, QK^T + AV
+    forward = layers * forward_per_layer + 2 * v * d  # + output projection
+    norm_weights = 2 * layers * d + d  # parameters without matmuls, counted in N by the formula
+    assert describe(m)["flops_per_token"] == 3 * forward + 6 * norm_weights
+
+
+def test_grouped_query_attention_shrinks_kv_projections():
+    full = count_parameters(model_cfg("model=llama_65b"))
+    gqa = count_parameters(model_cfg("model=llama_65b", "model.num_query_groups=8"))
+    d, head_dim, layers = 8192, 128, 80
+    assert full - gqa == layers * 2 * d * (64 - 8) * head_dim
+
+
+def test_tiny_preset_is_small():
+    facts = describe(model_cfg("model=tiny"))
+    assert facts["num_parameters"] < 1_000_000
+
+
+def test_describe_command_line():
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.describe", "model=llama_13b", "model.seq_length=4096"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    facts = json.loads(r.stdout)
+    assert facts["num_parameters"] == PAPER["llama_13b"]["params"] and facts["seq_length"] == 4096
+    assert "flops_formula" in facts
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model=llama_99b"], "model/llama_99b"),
+    (["+model.foo=1"], "model.foo"),
+    (["model.num_layers=abc"], "model.num_layers"),
+    (["model.ffn_multiple_of=1.5"], "model.ffn_multiple_of"),
+])
+def test_bad_recipe_names_the_field(overrides, field):
+    with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
+        model_cfg(*overrides)
+
+
+def test_describe_rejects_shape_errors():
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.describe", "model=llama_7b", "model.hidden_size=4100"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "model.hidden_size" in r.stderr and "num_attention_heads=32" in r.stderr
