@@ -1,0 +1,30 @@
+"""LLaMA on megatron-core: the layer spec, model building, CPU compatibility, HF interop, generation.
+
+Modules (one concept each):
+  spec.py        the LLaMA layer/block ModuleSpec (TransformerEngine or local modules)
+  norm.py        RMSNorm that works under sequence parallelism (local path)
+  model.py       TransformerConfig from a model recipe, GPTModel, shape checks
+  cpu_compat.py  megatron-core's CUDA assumptions answered on CPU (inactive with CUDA)
+  distributed.py process groups, parallel_state, seeds; local multi-process worlds
+  train_step.py  megatron DDP + optimizer + forward/backward schedules for one step
+  checkpoint.py  atomic distributed checkpoints with the model recipe beside them
+  hf.py          Hugging Face folders and the name/layout map
+  convert.py     python -m llama_plugin.convert (hf-to-mcore, mcore-to-hf)
+  generate.py    python -m llama_plugin.generate
+  describe.py    python -m llama_plugin.describe (exact parameter count, FLOPs per token)
+  flops.py       FLOPs per token (PaLM's formula), for MFU
+"""
+
+import warnings
+
+# Notices megatron-core and torch print on every CPU start: expected here, noise for users.
+for _message in (
+    ".*Apex is not installed.*",
+    ".*Transformer Engine and Apex are not installed.*",
+    ".*full scope is deprecated.*",
+    ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    ".*deprecating ShardedTensor.*",
+    ".*`load_state_dict` is deprecated.*",
+    ".*`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|_reduce_scatter_base)` is deprecated.*",
+):
+    warnings.filterwarnings("ignore", message=_message)

@@ -63,8 +63,12 @@ def pick_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: flo
 
 
 def generate_ids(model, prompt: list[int], max_new_tokens: int, *, greedy=True, temperature=1.0,
-                 top_p=1.0, seed=0, eos_id: int | None = None, max_length: int | None = None) -> list[int]:
-    """New token ids after `prompt`; collective over the model-parallel group."""
+                 top_p=1.0, seed=0, eos_id: int | None = None, max_length: int | None = None,
+                 vocab_limit: int | None = None) -> list[int]:
+    """New token ids after `prompt`; collective over the model-parallel group.
+
+    `vocab_limit`: sample only ids below it (a model vocabulary padded past the tokenizer's).
+    """
     gen = torch.Generator().manual_seed(seed)
     tokens = list(prompt)
     last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
@@ -75,7 +79,7 @@ def generate_ids(model, prompt: list[int], max_new_tokens: int, *, greedy=True, 
             logits = last_stage_logits(model, torch.tensor([tokens]))
         nxt = torch.tensor([-1])
         if logits is not None:
-            nxt[0] = pick_next(logits[0, -1], greedy, temperature, top_p, gen)
+            nxt[0] = pick_next(logits[0, -1, :vocab_limit], greedy, temperature, top_p, gen)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, src=last_rank, group=parallel_state.get_pipeline_model_parallel_group())
         tokens.append(int(nxt[0]))
@@ -95,11 +99,12 @@ def load_for_inference(ckpt_dir, tp: int = 1, pp: int = 1):
     return model.eval(), model_cfg
 
 
-def _run(args, prompt: list[int], eos_id: int | None) -> None:
+def _run(args, prompt: list[int], eos_id: int | None, vocab_limit: int | None) -> None:
     model, model_cfg = load_for_inference(args.ckpt, args.tp, args.pp)
     ids = generate_ids(
         model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, eos_id=eos_id, max_length=model_cfg.seq_length,
+        vocab_limit=vocab_limit,
     )
     if dist.get_rank() == 0:
         result = {"prompt_ids": prompt, "generated_ids": ids}
@@ -110,15 +115,16 @@ def _run(args, prompt: list[int], eos_id: int | None) -> None:
         print(json.dumps(result), flush=True)
 
 
-def _prompt(args, vocab_size: int) -> tuple[list[int], int | None]:
-    """(prompt ids, eos id): the text encoded with a BOS as LLaMA does, or the given ids, checked."""
+def _prompt(args, vocab_size: int) -> tuple[list[int], int | None, int | None]:
+    """(prompt ids, eos id, tokenizer vocab size): the text encoded with a BOS as LLaMA does, or the
+    given ids, checked."""
     if args.tokenizer:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
         if sp.vocab_size() > vocab_size:
             raise ValueError(f"--tokenizer: {sp.vocab_size()} pieces, model vocab_size is {vocab_size}")
-        return [sp.bos_id()] + sp.encode(args.prompt), sp.eos_id()
+        return [sp.bos_id()] + sp.encode(args.prompt), sp.eos_id(), sp.vocab_size()
     try:
         prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
     except ValueError:
@@ -126,7 +132,7 @@ def _prompt(args, vocab_size: int) -> tuple[list[int], int | None]:
     bad = [t for t in prompt if not 0 <= t < vocab_size]
     if not prompt or bad:
         raise ValueError(f"--prompt-ids: need ids in [0, {vocab_size}); got {bad or 'none'}")
-    return prompt, None
+    return prompt, None, None
 
 
 def main(argv=None) -> int:
@@ -150,8 +156,8 @@ def main(argv=None) -> int:
         p.error("--temperature must be > 0 and --top-p in (0, 1]")
     try:
         model_cfg, _ = checkpoint.read_model_record(args.ckpt)
-        prompt, eos_id = _prompt(args, model_cfg.vocab_size)
-        run_in_world(args.tp * args.pp, _run, args, prompt, eos_id)
+        prompt, eos_id, vocab_limit = _prompt(args, model_cfg.vocab_size)
+        run_in_world(args.tp * args.pp, _run, args, prompt, eos_id, vocab_limit)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
