@@ -3,6 +3,7 @@
 Layout of a checkpoint directory:
     llama_model.json      the model recipe (recipes/schema.py ModelConfig) and the parameter dtype
     hf_config.json        optional: the Hugging Face config.json the weights came from
+    train_state.json      training checkpoints: step, scheduler state, samples consumed
     metadata.json, ...    megatron-core dist_checkpointing (torch_dist) files
 
 A distributed checkpoint stores global tensors, so it loads into any TP/PP layout the shape allows.
@@ -27,6 +28,7 @@ from recipes import validate
 
 MODEL_FILE = "llama_model.json"
 HF_CONFIG_FILE = "hf_config.json"
+TRAIN_STATE_FILE = "train_state.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,14 +40,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _unwrap(chunk):
+    """The GPTModel inside a DDP wrapper: checkpoints name parameters as the bare model does."""
+    return getattr(chunk, "module", chunk)
+
+
 def model_sharded_state_dict(model_chunks) -> dict:
     if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
 
 
-def save_model_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, extra_files=None):
-    """Collective: every rank calls it with its own model chunks."""
+def save_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, optimizer=None,
+                    train_state: dict | None = None, extra_files: dict | None = None) -> None:
+    """Collective: every rank calls it with its own model chunks (and optimizer, for training).
+
+    `train_state` (step, scheduler, ...) is written as train_state.json; the directory appears
+    under its final name only once every file is on disk.
+    """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     rank = dist.get_rank()
@@ -55,15 +67,24 @@ def save_model_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(tmp))
+    state = model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"] if len(model_chunks) == 1 else state)
+    dist_checkpointing.save(state, str(tmp))
     if rank == 0:
         record = {"model": OmegaConf.to_container(model_cfg), "params_dtype": dtype_name(dtype)}
-        (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
+        files = {MODEL_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})}
+        if train_state is not None:
+            files[TRAIN_STATE_FILE] = json.dumps(train_state, indent=2) + "\n"
+        for name, text in files.items():
             (tmp / name).write_text(text)
         _fsync_dir(tmp)
         os.replace(tmp, out_dir)
     dist.barrier()
+
+
+def save_model_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, extra_files=None):
+    save_checkpoint(model_chunks, out_dir, model_cfg, dtype, extra_files=extra_files)
 
 
 def read_model_record(ckpt_dir) -> tuple:
@@ -85,13 +106,56 @@ def read_model_record(ckpt_dir) -> tuple:
     return model_cfg, dtype
 
 
-def load_model_checkpoint(model_chunks, ckpt_dir) -> None:
-    """Collective: load the weights into this rank's model chunks, in whatever layout they are."""
+def load_checkpoint(model_chunks, ckpt_dir, optimizer=None) -> dict | None:
+    """Collective: load weights (and optimizer state) into this rank's chunks, whatever the layout.
+
+    Returns the train_state.json contents when present.
+    """
+    ckpt_dir = Path(ckpt_dir)
     read_model_record(ckpt_dir)
-    state = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(ckpt_dir))
+    template = model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        template["optimizer"] = optimizer.sharded_state_dict(
+            template["model"] if len(model_chunks) == 1 else template, is_loading=True)
+    state = dist_checkpointing.load(template, str(ckpt_dir))
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for chunk, key in zip(model_chunks, keys):
-        chunk.load_state_dict(state[key], strict=True)
+        _unwrap(chunk).load_state_dict(state[key], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    path = ckpt_dir / TRAIN_STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_model_checkpoint(model_chunks, ckpt_dir) -> None:
+    load_checkpoint(model_chunks, ckpt_dir)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(ckpt_root) -> list[tuple[int, Path]]:
+    """(step, dir) of the complete checkpoints under `ckpt_root`, oldest first.
+
+    Only directories renamed into place count; a `.tmp` left by a crash is not a checkpoint.
+    """
+    root = Path(ckpt_root)
+    found = []
+    for d in root.glob("step_*") if root.is_dir() else []:
+        name = d.name.removeprefix("step_")
+        if d.is_dir() and name.isdigit() and (d / MODEL_FILE).is_file() and (d / TRAIN_STATE_FILE).is_file():
+            found.append((int(name), d))
+    return sorted(found)
+
+
+def prune_checkpoints(ckpt_root, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and stale temporary directories."""
+    complete = complete_checkpoints(ckpt_root)
+    for _, d in complete[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+    for d in Path(ckpt_root).glob("step_*.tmp"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

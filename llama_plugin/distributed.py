@@ -8,8 +8,10 @@ the compatibility layer is activated here, before megatron-core touches a device
 from __future__ import annotations
 
 import os
+import random
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -48,7 +50,13 @@ def init_distributed(
         pipeline_model_parallel_size=pipeline_parallel,
         distributed_timeout_minutes=timeout_minutes,
     )
-    model_parallel_cuda_manual_seed(seed)
+    # As Megatron-LM: one seed per pipeline stage, the same on tensor-parallel peers (with CPU
+    # initialization their shards are slices of one master weight drawn from this generator).
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
 
 
 def shutdown() -> None:

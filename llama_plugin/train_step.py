@@ -32,11 +32,14 @@ class Batch:
 
 
 def wrap_ddp(model_chunks, config: TransformerConfig, *, overlap_grad_reduce: bool = False,
-             use_distributed_optimizer: bool = False, bucket_size: int | None = None):
+             use_distributed_optimizer: bool = False, overlap_param_gather: bool = False,
+             bucket_size: int | None = None):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
+        # The distributed optimizer's param all-gather runs in the next forward, bucket by bucket.
+        overlap_param_gather=overlap_param_gather,
         bucket_size=bucket_size,
     )
     chunks = [
@@ -54,7 +57,7 @@ def wrap_ddp(model_chunks, config: TransformerConfig, *, overlap_grad_reduce: bo
 
 def build_optimizer(model_chunks, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
                     clip_grad: float = 1.0, params_dtype=torch.float32, use_distributed_optimizer=False,
-                    min_lr: float | None = None):
+                    overlap_param_gather: bool = False, min_lr: float | None = None):
     cfg = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -68,6 +71,7 @@ def build_optimizer(model_chunks, *, lr: float, weight_decay: float, betas=(0.9,
         fp16=params_dtype == torch.float16,
         params_dtype=params_dtype,
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(cfg, model_chunks)
     for c in model_chunks:
@@ -111,6 +115,26 @@ def train_step(model_chunks, optimizer, micro_batches: list[Batch]) -> tuple[flo
     )
     update_successful, grad_norm, _ = optimizer.step()
     return reduce_loss(stats), float(grad_norm if grad_norm is not None else float("nan")), update_successful
+
+
+def eval_loss(model_chunks, micro_batches: list[Batch]) -> float:
+    """Token-weighted mean loss of the micro-batches (forward only), the same on every rank."""
+    for c in model_chunks:
+        c.eval()
+    b, s = micro_batches[0].tokens.shape
+    with torch.no_grad():
+        stats = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iter(micro_batches),
+            model=model_chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=True,
+        )
+    for c in model_chunks:
+        c.train()
+    return reduce_loss(stats)
 
 
 def reduce_loss(stats: list[dict]) -> float:

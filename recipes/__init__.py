@@ -15,13 +15,14 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from recipes.schema import DescribeConfig
+from recipes.schema import DescribeConfig, RecipeConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent
 
 # Top-level recipes list their schema first in `defaults:`, so every field exists (and can be set
 # without `+`) and Hydra checks types while composing; `validate` re-checks the final result.
 ConfigStore.instance().store(name="describe_schema", node=DescribeConfig)
+ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
 
 
 class RecipeError(ValueError):

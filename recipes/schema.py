@@ -6,7 +6,7 @@ Defaults are LLaMA's (../shared/LLAMA_FACTS.md); a preset file sets only what di
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 from omegaconf import MISSING
 
@@ -29,6 +29,96 @@ class ModelConfig:
     init_method_std: float = 0.02
     # LLaMA keeps the input embedding and output projection separate.
     share_embeddings_and_output_weights: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """LLaMA's AdamW and schedule (paper section 2.3)."""
+
+    lr: float = MISSING  # peak learning rate, set per size
+    min_lr_ratio: float = 0.1  # final lr = 10% of peak
+    warmup_steps: int = 2000
+    decay_style: str = "cosine"  # cosine | linear | constant | inverse-square-root (PaLM)
+    decay_steps: Optional[int] = None  # None: decay until train.steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5  # the paper gives none; LLaMA-2 states 1e-5
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    data: Optional[int] = None  # None: world size / (tensor * pipeline)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False  # needs distributed_optimizer
+    tp_comm_overlap: bool = False  # needs TransformerEngine, tensor > 1, sequence_parallel
+    recompute: str = "none"  # none | selective (attention core, the paper's choice) | full
+    bucket_size: Optional[int] = None  # DDP bucket size in parameters; None: megatron's default
+
+
+@dataclass
+class DataSource:
+    prefix: str = MISSING  # indexed dataset path prefix (<prefix>.bin / <prefix>.idx)
+    weight: float = 1.0  # sampling share in the blend
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    tokenizer_model: str = MISSING
+    sources: Dict[str, DataSource] = field(default_factory=dict)
+    split: str = "98,2,0"  # train, validation, test shares of each source's documents
+    cache_dir: Optional[str] = None  # megatron's sample-index cache; None: <run_dir>/data_cache
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "llama"
+    wandb_entity: Optional[str] = None
+    log_interval: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    nodes: int = 1
+    gpus_per_node: int = 8  # processes per node (CPU processes on `local`)
+    peak_flops_per_gpu: Optional[float] = None  # dense bf16 FLOP/s for MFU; None: detect the device
+
+
+@dataclass
+class TrainConfig:
+    steps: int = MISSING  # optimizer steps
+    global_batch_size: int = MISSING  # sequences per step
+    micro_batch_size: int = 1
+    precision: str = "bf16"  # bf16 | fp32
+    seed: int = 1234
+    eval_interval: int = 1000
+    eval_batches: int = 10
+    save_interval: int = 1000
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/${name}"
+    load: Optional[str] = None  # initial weights (e.g. an imported HF checkpoint) if run_dir has none
+    exit_at_step: Optional[int] = None  # checkpoint and stop after this step (for staged runs)
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass

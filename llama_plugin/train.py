@@ -1,0 +1,318 @@
+"""Pretrain LLaMA with megatron-core from a recipe.
+
+    torchrun --nproc_per_node N -m llama_plugin.train <recipe> [hydra overrides]
+    python -m llama_plugin.train <recipe> [overrides]            (one process)
+
+The run directory (train.run_dir) holds everything: resolved config, checkpoints/step_*/,
+metrics.jsonl, wandb/. A run resumes from its newest complete checkpoint automatically; a fresh
+run can start from other weights (train.load, e.g. a converted HF checkpoint). SIGUSR1 or SIGTERM
+make the run checkpoint after the current step and exit 0 with `stopped` in run_state.json, so a
+scheduler can requeue it; `finished` there marks a completed run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from omegaconf import OmegaConf
+
+from llama_plugin import checkpoint, flops, throughput
+from llama_plugin.data import build_datasets, check_data_files, micro_batches, source_counts
+from llama_plugin.distributed import init_distributed, shutdown
+from llama_plugin.layout import num_microbatches, resolve
+from llama_plugin.metrics_log import MetricsLog, format_line
+from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
+from llama_plugin.train_step import build_optimizer, eval_loss, train_step, wrap_ddp
+from recipes import RecipeError, compose
+from recipes.schema import RecipeConfig
+
+RUN_STATE = "run_state.json"
+_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def lr_at(step: int, o, total_steps: int) -> float:
+    """The closed form of the schedule: the lr used by optimizer step `step` (0-based).
+
+    Linear warm-up from 0 to the peak over warmup_steps, then cosine (or linear) decay to
+    min_lr_ratio * peak at decay_steps, constant after; PaLM's inverse square root optional.
+    """
+    peak, floor = o.lr, o.lr * o.min_lr_ratio
+    decay = o.decay_steps if o.decay_steps is not None else total_steps
+    if o.warmup_steps > 0 and step <= o.warmup_steps:
+        return peak * step / o.warmup_steps
+    if o.decay_style == "constant":
+        return peak
+    if o.decay_style == "inverse-square-root":
+        return max(floor, peak * math.sqrt(max(o.warmup_steps, 1)) / math.sqrt(max(step, 1)))
+    if step > decay:
+        return floor
+    ratio = (step - o.warmup_steps) / (decay - o.warmup_steps)
+    coeff = 0.5 * (math.cos(math.pi * ratio) + 1) if o.decay_style == "cosine" else 1 - ratio
+    return floor + coeff * (peak - floor)
+
+
+def build_scheduler(optimizer, o, total_steps: int) -> OptimizerParamScheduler:
+    """megatron-core's scheduler, counting optimizer steps; it implements `lr_at`."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.lr * o.min_lr_ratio,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=o.decay_steps if o.decay_steps is not None else total_steps,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+    )
+
+
+def transformer_overrides(p) -> dict:
+    """Recompute and overlap settings of the parallel recipe, as TransformerConfig fields."""
+    out = {}
+    if p.recompute == "selective":
+        out.update(recompute_granularity="selective")  # attention core: cheap to recompute, big to keep
+    elif p.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if p.tp_comm_overlap:
+        out.update(tp_comm_overlap=True)
+    return out
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was signalled (all ranks must stop at the same step)."""
+        flag = torch.tensor([1 if self.requested else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _init_tp_comm_overlap(cfg) -> None:
+    """TransformerEngine userbuffers for overlapping TP communication with GEMMs (GPU only)."""
+    from transformer_engine.pytorch import module as te_module
+
+    shape = [cfg.model.seq_length * cfg.train.micro_batch_size, cfg.model.hidden_size]
+    te_module.base.initialize_ub(shape=shape, tp_size=cfg.parallel.tensor, use_fp8=False)
+
+
+def run(cfg, notes: list[str]) -> dict:
+    """Train; returns a summary (final losses, where things are)."""
+    p, t, o = cfg.parallel, cfg.train, cfg.optimizer
+    init_distributed(p.tensor, p.pipeline, seed=t.seed)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = _DTYPE[t.precision]
+    run_dir, ckpt_root = Path(t.run_dir), Path(t.run_dir) / "checkpoints"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    dist.barrier()
+
+    config = transformer_config(
+        cfg.model, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype, **transformer_overrides(p),
+    )
+    if p.tp_comm_overlap:
+        _init_tp_comm_overlap(cfg)
+    model = build_gpt_model(cfg.model, config)
+    chunks = wrap_ddp([model], config, overlap_grad_reduce=p.overlap_grad_reduce,
+                      use_distributed_optimizer=p.distributed_optimizer,
+                      overlap_param_gather=p.overlap_param_gather, bucket_size=p.bucket_size)
+    optimizer = build_optimizer(
+        chunks, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, clip_grad=o.clip_grad,
+        params_dtype=dtype, use_distributed_optimizer=p.distributed_optimizer,
+        overlap_param_gather=p.overlap_param_gather, min_lr=o.lr * o.min_lr_ratio,
+    )
+    scheduler = build_scheduler(optimizer, o, t.steps)
+
+    # Resume from the newest complete checkpoint, else start from train.load, else from scratch.
+    start_step = 0
+    complete = checkpoint.complete_checkpoints(ckpt_root)
+    if complete:
+        state = checkpoint.load_checkpoint(chunks, complete[-1][1], optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+        notes.append(f"resumed from {complete[-1][1]} (step {start_step})")
+    elif t.load:
+        checkpoint.load_checkpoint(chunks, t.load)
+        notes.append(f"initial weights from {t.load}")
+    for c in chunks:
+        c.broadcast_params()
+
+    n_micro = num_microbatches(cfg)
+    dp_rank, seq, G = parallel_state.get_data_parallel_rank(), cfg.model.seq_length, t.global_batch_size
+    per_rank = G // p.data
+    valid_samples = t.eval_batches * G
+    train_ds, valid_ds, source_names = build_datasets(
+        cfg.data, seq, t.seed, t.steps * G, max(valid_samples, 1), cfg.data.cache_dir or str(run_dir / "data_cache"))
+
+    n_params = count_parameters(model)
+    flops_per_token = flops.flops_per_token(n_params, cfg.model)
+    peak, peak_source = throughput.peak_flops_per_device(cfg.cluster.peak_flops_per_gpu)
+    run_config = OmegaConf.to_container(cfg)
+    run_config["derived"] = {"world_size": world, "num_microbatches": n_micro, "num_parameters": n_params,
+                             "flops_per_token": flops_per_token, "flops_formula": flops.FORMULA,
+                             "peak_flops_per_device": peak, "peak_flops_source": peak_source, "notes": notes}
+    metrics = MetricsLog(run_dir, cfg.logging, run_config, start_step, enabled=rank == 0)
+    if rank == 0:
+        for note in notes:
+            print(f"[llama_plugin.train] {note}", flush=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run_config)))
+
+    def validation() -> float | None:
+        if valid_ds is None or t.eval_batches == 0:
+            return None
+        vb = micro_batches(valid_ds, dp_rank * (valid_samples // p.data), valid_samples // p.data // t.micro_batch_size,
+                           t.micro_batch_size)
+        return eval_loss(chunks, vb)
+
+    def save(step: int) -> None:
+        state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": step * G}
+        checkpoint.save_checkpoint(chunks, ckpt_root / checkpoint.step_dir_name(step), cfg.model, dtype,
+                                   optimizer=optimizer, train_state=state)
+        if rank == 0:
+            checkpoint.prune_checkpoints(ckpt_root, t.keep_checkpoints)
+
+    stop = StopRequest()
+    consumed = source_counts(train_ds, 0, start_step * G, len(source_names))
+    bar = None
+    if rank == 0 and cfg.logging.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True)
+    last_loss = last_val = None
+    first_val = None
+    window_tokens, window_time = 0, 0.0  # training steps only: evaluation and saving excluded
+    final_step = t.exit_at_step or t.steps
+    step = start_step
+    stopped = False
+    while step < final_step:
+        t0 = time.perf_counter()
+        batches = micro_batches(train_ds, step * G + dp_rank * per_rank, n_micro, t.micro_batch_size)
+        loss, grad_norm, ok = train_step(chunks, optimizer, batches)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(increment=1)
+        step_time = time.perf_counter() - t0
+        consumed += source_counts(train_ds, step * G, (step + 1) * G, len(source_names))
+        step += 1
+        window_tokens += G * seq
+        window_time += step_time
+        last_loss = loss
+        m = {}
+        if step % t.eval_interval == 0 or step == t.steps:
+            last_val = validation()
+            if last_val is not None:
+                m["val/loss"] = last_val
+                first_val = last_val if first_val is None else first_val
+        if step % cfg.logging.log_interval == 0 or "val/loss" in m:
+            m.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "step_time_s": step_time,
+                      "tokens_seen": step * G * seq, "train/skipped_update": int(not ok)})
+            m.update(throughput.speed_metrics(window_tokens, window_time, world, flops_per_token, peak))
+            m["memory/max_allocated_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                                            else _rss_bytes()) / 2**30
+            for name, count in zip(source_names, consumed):
+                m[f"data/{name}_share"] = float(count) / float(consumed.sum())
+            metrics.log(step, m)
+            if rank == 0:
+                line = format_line(step, t.steps, m)
+                (bar.write(line) if bar else print(line, flush=True))
+            window_tokens, window_time = 0, 0.0  # training steps only: evaluation and saving excluded
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        stop_now = stop.agreed()
+        if step % t.save_interval == 0 or step == final_step or stop_now:
+            save(step)
+        if stop_now and step < final_step:
+            stopped = True
+            break
+    if bar:
+        bar.close()
+    summary = {
+        "run_dir": str(run_dir), "step": step, "finished": step >= t.steps, "stopped": stopped,
+        "train_loss": last_loss, "val_loss": last_val, "first_val_loss": first_val,
+        "metrics_jsonl": str(metrics.jsonl), "wandb_dir": metrics.wandb_dir,
+        "checkpoint": str(ckpt_root / checkpoint.step_dir_name(step)),
+    }
+    metrics.close()
+    if rank == 0:
+        _write_json_atomic(run_dir / RUN_STATE, summary)
+    dist.barrier()
+    return summary
+
+
+def count_parameters(model) -> int:
+    """Parameters of the whole model from this rank's part: tensor-parallel shards summed over the
+    model-parallel group, replicated weights (norms) counted once."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    local = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    total = torch.tensor([local], dtype=torch.int64)
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return int(total.item())
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def load_recipe(argv: list[str]):
+    """(recipe name, validated config) from command-line arguments."""
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        raise RecipeError("usage: python -m llama_plugin.train <recipe> [overrides]; recipes: "
+                          + ", ".join(sorted(f.stem for f in Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml")
+                                             if f.stem != "describe")))
+    return compose(argv[0], argv[1:], RecipeConfig)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        cfg = load_recipe(argv)
+        cfg, notes = resolve(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        check_data_files(cfg.data, cfg.model.vocab_size)
+    except (RecipeError, ModelConfigError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(cfg, notes)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
