@@ -50,7 +50,8 @@ class MetricsLog:
 
     @property
     def wandb_dir(self) -> str | None:
-        return self.wandb_run.dir if self.wandb_run is not None else None
+        # run.dir is the files/ folder inside the offline run directory
+        return str(Path(self.wandb_run.dir).parent) if self.wandb_run is not None else None
 
     def close(self) -> None:
         if self.wandb_run is not None:

@@ -205,7 +205,9 @@ def run(cfg, notes: list[str]) -> dict:
     if rank == 0 and cfg.logging.progress_bar:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (CI logs keep the plain log lines).
+        bar = tqdm(total=t.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True,
+                   mininterval=0.5, disable=None)
     last_loss = last_val = None
     first_val = None
     window_tokens, window_time = 0, 0.0  # training steps only: evaluation and saving excluded

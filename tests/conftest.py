@@ -34,3 +34,26 @@ def hf_tiny(tmp_path_factory):
 def hf_tiny_gqa(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_tiny_gqa")
     return path, make_hf_llama(path, num_key_value_heads=2, seed=1, num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo corpus (a real book), tokenizer and indexed dataset, prepared once per session."""
+    from pathlib import Path
+
+    from data_prep.__main__ import demo
+
+    out = tmp_path_factory.mktemp("demo_data")
+    demo(out, 1024, Path.home() / ".cache" / "llama_mcore")
+    return out
+
+
+def torchrun(args, env_extra=None, nproc=2, timeout=600):
+    """Run `python -m torch.distributed.run --nproc_per_node N -m llama_plugin.train ...`."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+           "-m", "llama_plugin.train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
