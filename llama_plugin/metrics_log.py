@@ -30,6 +30,7 @@ class MetricsLog:
             self.wandb_run = wandb.init(
                 project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity, name=run_config["name"],
                 id=run_id, resume="allow", mode=logging_cfg.wandb_mode, dir=str(run_dir), config=run_config,
+                settings=wandb.Settings(silent=True, console="off", disable_git=True),
             )
 
     def _truncate_after(self, step: int) -> None:

@@ -54,6 +54,8 @@ def torchrun(args, env_extra=None, nproc=2, timeout=600):
     import sys
 
     env = dict(os.environ, **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+    from llama_plugin.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            "-m", "llama_plugin.train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

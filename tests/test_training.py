@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_plugin.convert import mcore_to_hf
+from llama_plugin.distributed import free_port
 from llama_plugin.train import build_scheduler, lr_at
 from recipes import compose
 from recipes.schema import RecipeConfig
@@ -20,7 +21,7 @@ from tests.conftest import torchrun
 # A short run: 4 layers, 8 sequences of 128 tokens per step, fp32, TP=2 + SP on 2 processes.
 SHORT = ["tiny_cpu", "train.steps=12", "train.global_batch_size=8", "train.micro_batch_size=2",
          "train.eval_interval=6", "train.eval_batches=2", "train.save_interval=4", "optimizer.warmup_steps=3",
-         "logging.progress_bar=false", "logging.wandb_mode=disabled"]
+         "logging.progress_bar=false", "logging.wandb_mode=disabled", "logging.log_interval=1"]
 
 
 def run(demo_data, run_dir, *extra, check=True):
@@ -71,7 +72,8 @@ def test_lr_schedule_equals_closed_form():
 
 
 def test_palm_inverse_square_root_schedule():
-    cfg = compose("llama_7b_pretrain", ["optimizer=palm_inverse_sqrt"], RecipeConfig)
+    # the recipe's own peak lr wins over the schedule file's; PaLM's 1e-2 is set explicitly
+    cfg = compose("llama_7b_pretrain", ["optimizer=palm_inverse_sqrt", "optimizer.lr=1e-2"], RecipeConfig)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = build_scheduler(opt, cfg.optimizer, cfg.train.steps)
     for s in range(40001):
@@ -104,23 +106,28 @@ def test_clean_stop_and_resume_is_bitwise_exact(demo_data, uninterrupted, tmp_pa
 
 def test_kill_9_between_checkpoints_resumes_exactly(demo_data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "llama_plugin.train", *SHORT, f"train.run_dir={run_dir}"]
     env = dict(__import__("os").environ, DEMO_DATA=str(demo_data))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for step 6: after the step-4 checkpoint, before step 8's
         jsonl = run_dir / "metrics.jsonl"
         if jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 6:
             break
         time.sleep(0.05)
-    import os
+    import psutil
 
-    os.killpg(proc.pid, signal.SIGKILL)
+    # kill -9 the launcher and every worker (torchrun starts workers in their own sessions)
+    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
     proc.wait()
+    psutil.wait_procs(victims, timeout=30)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) < 8
     r = run(demo_data, run_dir)
-    assert "resumed from" in r.stdout + r.stderr and "step_00000004" in r.stdout + r.stderr
+    resumed = next(line for line in r.stdout.splitlines() if "resumed from" in line)
+    assert resumed.endswith("step_00000004 (step 4)"), resumed
     assert losses(run_dir) == losses(uninterrupted)
     a, b = final_weights(uninterrupted, tmp_path, "a"), final_weights(run_dir, tmp_path, "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -133,8 +140,10 @@ def test_tp2_checkpoint_resumes_as_dp2(demo_data, uninterrupted, tmp_path):
     ref, got = losses(uninterrupted), losses(run_dir)
     assert [g[0] for g in got] == [r[0] for r in ref]
     assert got[:4] == ref[:4]
+    # Losses within 1e-5; grad norms (sums of squares over ~1M fp32 values reduced in another order)
+    # within 1e-4 relative.
     for (_, l1, g1), (_, l2, g2) in zip(ref[4:], got[4:]):
-        assert abs(l1 - l2) <= 1e-5 and abs(g1 - g2) <= 1e-5
+        assert abs(l1 - l2) <= 1e-5 and abs(g1 - g2) <= 1e-4 * g1, (l1, l2, g1, g2)
 
 
 @pytest.mark.slow
