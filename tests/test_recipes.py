@@ -1,0 +1,123 @@
+"""Recipes: the paper's numbers, overrides that reach the final config, and errors naming the field."""
+
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from llama_plugin.flops import flops_per_token
+from llama_plugin.layout import resolve
+from llama_plugin.throughput import speed_metrics
+from recipes import RecipeError, compose
+from recipes.schema import RecipeConfig
+
+PAPER_RUNS = {  # size: (peak lr, tokens), LLaMA paper table 2 / LLAMA_FACTS.md
+    "llama_7b": (3.0e-4, 1.0e12), "llama_13b": (3.0e-4, 1.0e12),
+    "llama_33b": (1.5e-4, 1.4e12), "llama_65b": (1.5e-4, 1.4e12),
+}
+
+
+def recipe(name, *overrides):
+    return compose(name, list(overrides), RecipeConfig)
+
+
+@pytest.mark.parametrize("size", PAPER_RUNS)
+def test_paper_recipes(size):
+    cfg = recipe(f"{size}_pretrain")
+    lr, tokens = PAPER_RUNS[size]
+    o, t = cfg.optimizer, cfg.train
+    assert (o.lr, o.beta1, o.beta2, o.weight_decay, o.clip_grad, o.warmup_steps, o.min_lr_ratio, o.decay_style) == (
+        lr, 0.9, 0.95, 0.1, 1.0, 2000, 0.1, "cosine")
+    assert o.eps == 1e-5
+    assert t.global_batch_size * cfg.model.seq_length == 2048 * 2048  # 4M tokens per step
+    assert t.steps == math.ceil(tokens / (2048 * 2048))  # enough steps for the paper's tokens
+    assert cfg.cluster.nodes * cfg.cluster.gpus_per_node == 2048
+    resolved, notes = resolve(cfg, 2048, have_te=True, have_cuda=True)
+    p = resolved.parallel
+    assert p.tensor * p.pipeline * p.data == 2048 and p.tensor <= cfg.cluster.gpus_per_node
+    assert notes == []
+
+
+def test_llama_mixture_shares():
+    cfg = recipe("llama_7b_pretrain")
+    shares = {k: v.weight for k, v in cfg.data.sources.items()}
+    assert shares == {"commoncrawl": 0.67, "c4": 0.15, "github": 0.045, "wikipedia": 0.045, "books": 0.045,
+                      "arxiv": 0.025, "stackexchange": 0.02}
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_overrides_reach_the_final_config():
+    cfg = recipe("llama_13b_pretrain", "model.num_query_groups=8", "optimizer.lr=2e-4", "optimizer.warmup_steps=500",
+                 "parallel.tensor=4", "parallel.recompute=full", "data.sources.c4.weight=0.2",
+                 "logging.wandb_mode=online", "logging.wandb_project=mine", "cluster.nodes=128",
+                 "train.micro_batch_size=2", "train.run_dir=/tmp/x", "train.seed=7", "data.sources.books.prefix=/d/books")
+    values = {k: OmegaConf.select(cfg, k) for k in (
+        "model.num_query_groups", "optimizer.lr", "optimizer.warmup_steps", "parallel.tensor", "parallel.recompute",
+        "data.sources.c4.weight", "logging.wandb_mode", "logging.wandb_project", "cluster.nodes",
+        "train.micro_batch_size", "train.run_dir", "train.seed", "data.sources.books.prefix")}
+    assert values == {
+        "model.num_query_groups": 8, "optimizer.lr": 2e-4, "optimizer.warmup_steps": 500, "parallel.tensor": 4,
+        "parallel.recompute": "full", "data.sources.c4.weight": 0.2, "logging.wandb_mode": "online",
+        "logging.wandb_project": "mine", "cluster.nodes": 128, "train.micro_batch_size": 2, "train.run_dir": "/tmp/x",
+        "train.seed": 7, "data.sources.books.prefix": "/d/books"}
+    assert recipe("tiny_cpu").train.run_dir == "runs/tiny_cpu"  # interpolated from the recipe name
+
+
+BAD = [  # (overrides, world size, the field the message must name)
+    (["+train.foo=1"], 2, "train.foo"),
+    (["+model.nonsense=1"], 2, "model.nonsense"),
+    (["train.steps=abc"], 2, "train.steps"),
+    (["optimizer.lr=fast"], 2, "optimizer.lr"),
+    (["parallel.sequence_parallel=maybe"], 2, "parallel.sequence_parallel"),
+    (["model=llama_1b"], 2, "model/llama_1b"),
+    (["parallel=nope"], 2, "parallel/nope"),
+    (["parallel.tensor=4"], 2, "parallel.tensor"),
+    (["parallel.data=2"], 2, "parallel.data"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4", "parallel=cpu_single"], 2, "train.global_batch_size"),
+    (["parallel.recompute=some"], 2, "parallel.recompute"),
+    (["train.precision=fp8"], 2, "train.precision"),
+    (["optimizer.decay_style=exp"], 2, "optimizer.decay_style"),
+    (["logging.wandb_mode=cloud"], 2, "logging.wandb_mode"),
+    (["parallel=cpu_single", "parallel.distributed_optimizer=false", "parallel.overlap_param_gather=true"], 2,
+     "parallel.overlap_param_gather"),
+    (["optimizer.warmup_steps=400"], 2, "optimizer.warmup_steps"),
+    (["optimizer.min_lr_ratio=1.5"], 2, "optimizer.min_lr_ratio"),
+    (["optimizer.beta2=1.0"], 2, "optimizer.beta2"),
+    (["train.steps=0"], 2, "train.steps"),
+    (["model.num_attention_heads=3", "model.hidden_size=129"], 2, "model.num_attention_heads"),
+    (["model.seq_length=127"], 2, "model.seq_length"),
+    (["train.exit_at_step=301"], 2, "train.exit_at_step"),
+    (["model.num_layers=3", "parallel.tensor=1", "parallel.pipeline=2"], 2, "model.num_layers"),
+]
+
+
+@pytest.mark.parametrize("overrides,world,field", BAD, ids=[b[2] for b in BAD])
+def test_invalid_override_names_the_field(overrides, world, field):
+    with pytest.raises(RecipeError) as e:
+        resolve(recipe("tiny_cpu", *overrides), world)
+    assert field in str(e.value)
+
+
+def test_knobs_that_cannot_apply_are_reported_and_turned_off():
+    cfg, notes = resolve(recipe("tiny_cpu", "parallel.tp_comm_overlap=true"), 2, have_te=False, have_cuda=False)
+    assert cfg.parallel.tp_comm_overlap is False
+    assert any("tp_comm_overlap turned off" in n and "TransformerEngine" in n and "CUDA" in n for n in notes)
+    cfg, notes = resolve(recipe("tiny_cpu", "parallel=cpu_single", "parallel.sequence_parallel=true"), 2)
+    assert cfg.parallel.sequence_parallel is False and any("sequence_parallel turned off" in n for n in notes)
+    cfg, notes = resolve(recipe("llama_65b_pretrain"), 2048, have_te=True, have_cuda=True)
+    assert cfg.parallel.tp_comm_overlap and cfg.parallel.data == 64 and notes == []
+
+
+def test_mfu_for_the_7b_shape_by_hand():
+    model = recipe("llama_7b_pretrain").model
+    n = 6_738_415_616
+    # by hand: 6 * (N - V*d) + 12 * L * H * Q * T
+    by_hand = 6 * (n - 32000 * 4096) + 12 * 32 * 32 * 128 * 2048
+    assert by_hand == 42_865_287_168
+    assert flops_per_token(n, model) == by_hand
+    # 8 GPUs at 3,000 tokens/s each for 10 s, A100 dense bf16 peak 312 TFLOP/s:
+    m = speed_metrics(tokens=8 * 3000 * 10, seconds=10.0, devices=8, flops_per_token=by_hand, peak=312e12)
+    assert m["throughput/tokens_per_sec_per_gpu"] == pytest.approx(3000)
+    assert m["throughput/tflops_per_gpu"] == pytest.approx(3000 * 42_865_287_168 / 1e12)
+    assert m["throughput/mfu"] == pytest.approx(3000 * 42_865_287_168 / 312e12)  # = 0.4122
+    assert m["throughput/mfu"] == pytest.approx(0.41216622, rel=1e-6)
