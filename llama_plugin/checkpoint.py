@@ -29,6 +29,10 @@ from recipes import validate
 MODEL_FILE = "llama_model.json"
 HF_CONFIG_FILE = "hf_config.json"
 TRAIN_STATE_FILE = "train_state.json"
+# The distributed optimizer's state is saved per data-parallel shard ("dp_reshardable"): without
+# TransformerEngine/apex the default format fails on save (flattened ranges) and the fully
+# reshardable one on load; this one resumes exactly at the same data-parallel size.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,7 +73,9 @@ def save_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, optimi
     dist.barrier()
     state = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"] if len(model_chunks) == 1 else state)
+        train_state = dict(train_state or {}, adam_steps=_adam_steps(optimizer))
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"] if len(model_chunks) == 1 else state, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(tmp))
     if rank == 0:
         record = {"model": OmegaConf.to_container(model_cfg), "params_dtype": dtype_name(dtype)}
@@ -115,16 +121,62 @@ def load_checkpoint(model_chunks, ckpt_dir, optimizer=None) -> dict | None:
     read_model_record(ckpt_dir)
     template = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
+        _prime_distributed_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
-            template["model"] if len(model_chunks) == 1 else template, is_loading=True)
-    state = dist_checkpointing.load(template, str(ckpt_dir))
+            template["model"] if len(model_chunks) == 1 else template, is_loading=True, metadata=OPTIMIZER_METADATA)
+    with torch.no_grad():
+        state = dist_checkpointing.load(template, str(ckpt_dir))
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for chunk, key in zip(model_chunks, keys):
         _unwrap(chunk).load_state_dict(state[key], strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
     path = ckpt_dir / TRAIN_STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    train_state = json.loads(path.read_text()) if path.is_file() else None
+    if optimizer is not None:
+        with torch.no_grad():  # the distributed optimizer copies into views of its fp32 main params
+            optimizer.load_state_dict(state["optimizer"])
+        if train_state and "adam_steps" in train_state:
+            _set_adam_steps(optimizer, train_state["adam_steps"])
+    return train_state
+
+
+def _inner_optimizers(optimizer) -> list:
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _adam_steps(optimizer) -> list:
+    """Adam's step count per inner optimizer (None before the first step)."""
+    steps = []
+    for inner in _inner_optimizers(optimizer):
+        values = {float(s["step"]) for s in inner.state.values() if "step" in s}
+        steps.append(values.pop() if len(values) == 1 else None)
+    return steps
+
+
+def _set_adam_steps(optimizer, steps: list) -> None:
+    """Restore Adam's step counts: without TE/apex the distributed optimizer's dp_reshardable load
+    leaves them at the primed 0, which would redo the bias correction of the first steps."""
+    for inner, step in zip(_inner_optimizers(optimizer), steps):
+        if step is not None:
+            for s in inner.state.values():
+                s["step"] = torch.tensor(float(step))
+
+
+def _prime_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer zero Adam state at step 0 before loading into it.
+
+    Without TE/apex its state_dict() (called to build the load template) requires every parameter
+    to carry an Adam 'step'; a fresh optimizer has none. The real moments and step then come from
+    the checkpoint.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or len(opt.optimizer.state):
+            continue
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                opt.optimizer.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                                          "step": torch.tensor(0.0)}
 
 
 def load_model_checkpoint(model_chunks, ckpt_dir) -> None:

@@ -193,9 +193,17 @@ def run(cfg, notes: list[str]) -> dict:
         return eval_loss(chunks, vb)
 
     def save(step: int) -> None:
+        if p.overlap_param_gather:
+            # The last update's all-gather is still pending (it runs in the next forward): finish it
+            # so the checkpoint holds the updated weights.
+            for c in chunks:
+                c.disable_forward_pre_hook(param_sync=True)
         state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": step * G}
         checkpoint.save_checkpoint(chunks, ckpt_root / checkpoint.step_dir_name(step), cfg.model, dtype,
                                    optimizer=optimizer, train_state=state)
+        if p.overlap_param_gather:
+            for c in chunks:
+                c.enable_forward_pre_hook()
         if rank == 0:
             checkpoint.prune_checkpoints(ckpt_root, t.keep_checkpoints)
 
