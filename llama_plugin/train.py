@@ -122,18 +122,11 @@ def _init_tp_comm_overlap(cfg) -> None:
     te_module.base.initialize_ub(shape=shape, tp_size=cfg.parallel.tensor, use_fp8=False)
 
 
-def run(cfg, notes: list[str]) -> dict:
-    """Train; returns a summary (final losses, where things are)."""
+def build_model_and_optimizer(cfg):
+    """(model, DDP-wrapped chunks, megatron optimizer) for a resolved recipe; distributed state
+    must be initialized (init_distributed)."""
     p, t, o = cfg.parallel, cfg.train, cfg.optimizer
-    init_distributed(p.tensor, p.pipeline, seed=t.seed)
-    rank, world = dist.get_rank(), dist.get_world_size()
     dtype = _DTYPE[t.precision]
-    run_dir, ckpt_root = Path(t.run_dir), Path(t.run_dir) / "checkpoints"
-    if rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    dist.barrier()
-
     config = transformer_config(
         cfg.model, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, sequence_parallel=p.sequence_parallel,
         params_dtype=dtype, **transformer_overrides(p),
@@ -149,6 +142,22 @@ def run(cfg, notes: list[str]) -> dict:
         params_dtype=dtype, use_distributed_optimizer=p.distributed_optimizer,
         overlap_param_gather=p.overlap_param_gather, min_lr=o.lr * o.min_lr_ratio,
     )
+    return model, chunks, optimizer
+
+
+def run(cfg, notes: list[str]) -> dict:
+    """Train; returns a summary (final losses, where things are)."""
+    p, t, o = cfg.parallel, cfg.train, cfg.optimizer
+    init_distributed(p.tensor, p.pipeline, seed=t.seed)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = _DTYPE[t.precision]
+    run_dir, ckpt_root = Path(t.run_dir), Path(t.run_dir) / "checkpoints"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    dist.barrier()
+
+    model, chunks, optimizer = build_model_and_optimizer(cfg)
     scheduler = build_scheduler(optimizer, o, t.steps)
 
     # Resume from the newest complete checkpoint, else start from train.load, else from scratch.

@@ -196,3 +196,30 @@ def test_metrics_reach_jsonl_and_wandb_offline(demo_data, tmp_path):
     assert config["model"]["hidden_size"] == 128 and config["optimizer"]["beta2"] == 0.95
     assert config["derived"]["peak_flops_source"].startswith("CPU: measured")
     assert config["derived"]["flops_formula"].startswith("6*N_matmul")
+
+
+def test_sigusr1_checkpoints_stops_and_resumes_exactly(demo_data, uninterrupted, tmp_path):
+    """What Slurm's --signal=USR1 triggers: checkpoint after the current step, exit 0, resume exactly."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "llama_plugin.train", *SHORT, f"train.run_dir={run_dir}"]
+    env = dict(__import__("os").environ, DEMO_DATA=str(demo_data))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        jsonl = run_dir / "metrics.jsonl"
+        if jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "llama_plugin.train" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    workers[0].send_signal(signal.SIGUSR1)  # one rank is enough: ranks agree at the end of each step
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert state["stopped"] and not state["finished"] and 2 <= state["step"] < 12
+    assert (run_dir / "checkpoints" / f"step_{state['step']:08d}").is_dir()
+    run(demo_data, run_dir)
+    assert losses(run_dir) == losses(uninterrupted)
