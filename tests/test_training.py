@@ -93,6 +93,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints(uninterrupted):
     assert state["finished"] and state["step"] == 12
 
 
+@pytest.mark.slow
 def test_clean_stop_and_resume_is_bitwise_exact(demo_data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     run(demo_data, run_dir, "train.exit_at_step=5")
@@ -104,6 +105,7 @@ def test_clean_stop_and_resume_is_bitwise_exact(demo_data, uninterrupted, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_kill_9_between_checkpoints_resumes_exactly(demo_data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -133,6 +135,7 @@ def test_kill_9_between_checkpoints_resumes_exactly(demo_data, uninterrupted, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_tp2_checkpoint_resumes_as_dp2(demo_data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     run(demo_data, run_dir, "train.exit_at_step=4")
@@ -159,6 +162,7 @@ def test_demo_short_run_lowers_validation_loss(tmp_path):
     assert list((tmp_path / "demo" / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_with_overlapped_gather_resumes_exactly(demo_data, tmp_path):
     """DP=2, distributed optimizer, overlapped grad reduce-scatter and param all-gather: a stop and
     resume (with a validation pass in between) reproduces the uninterrupted losses bit for bit."""
@@ -198,6 +202,7 @@ def test_metrics_reach_jsonl_and_wandb_offline(demo_data, tmp_path):
     assert config["derived"]["flops_formula"].startswith("6*N_matmul")
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_stops_and_resumes_exactly(demo_data, uninterrupted, tmp_path):
     """What Slurm's --signal=USR1 triggers: checkpoint after the current step, exit 0, resume exactly."""
     import psutil
