@@ -117,6 +117,22 @@ def _synchronize(device=None):
     return None
 
 
+def _in_cpu_mode(backward):
+    def wrapped(ctx, *grads):
+        with CudaToCpuMode():
+            return backward(ctx, *grads)
+
+    return wrapped
+
+
+def _get_cpu_rng_state(device=None, clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
 def activate() -> bool:
     """Install the CPU answers to megatron-core's CUDA assumptions; returns whether it did.
 
@@ -127,6 +143,10 @@ def activate() -> bool:
        `.pin_memory()`, `x.type()` checks).
     4. `torch.cuda.synchronize()` (distributed checkpoint save, timers) asserts without CUDA; CPU
        ops are already synchronous, so it does nothing.
+    5. Activation recomputation (tensor_parallel/random.py CheckpointFunction) saves and restores
+       the CUDA generator state around the recomputed forward; it saves the CPU generator's. The
+       recomputed forward runs inside autograd's backward, where torch function modes are not
+       active, so the checkpoint functions' backward enters `CudaToCpuMode` itself.
     """
     global _active_mode
     if torch.cuda.is_available():
@@ -141,6 +161,10 @@ def activate() -> bool:
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mcore_random._get_cuda_rng_state = _get_cpu_rng_state
+    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    for fn in (mcore_random.CheckpointFunction, mcore_random.CheckpointWithoutOutputFunction):
+        fn.backward = staticmethod(_in_cpu_mode(fn.backward))
 
     _active_mode = CudaToCpuMode()
     _active_mode.__enter__()

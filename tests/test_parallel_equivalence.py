@@ -30,6 +30,9 @@ LAYOUTS = {
     "pp2_1f1b": {"pp": 2},
     "dp2_ddp_overlap": {"overlap_grad_reduce": True, "bucket_size": 20000},
     "dp2_distributed_optimizer": {"overlap_grad_reduce": True, "distributed_optimizer": True, "bucket_size": 20000},
+    # Activation recomputation must not change the numbers (selective: attention core; full: layers).
+    "tp2_sp_selective_recompute": {"tp": 2, "sequence_parallel": True, "recompute": "selective"},
+    "tp2_sp_full_recompute": {"tp": 2, "sequence_parallel": True, "recompute": "full"},
 }
 
 

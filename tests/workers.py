@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import torch
+from omegaconf import OmegaConf
 
 from llama_plugin import cpu_compat
 from llama_plugin.convert import load_hf_into
 from llama_plugin.distributed import init_distributed
 from llama_plugin.hf import HFWeights, model_config_from_hf
 from llama_plugin.model import build_gpt_model, transformer_config
+from llama_plugin.train import transformer_overrides
 from llama_plugin.train_step import Batch, build_optimizer, train_step, wrap_ddp
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 32
@@ -46,6 +48,7 @@ def train_layout(result_path: str, hf_dir: str, layout: dict, steps: int = 6) ->
     config = transformer_config(
         model_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype,
         sequence_parallel=layout.get("sequence_parallel", False), perform_initialization=False,
+        **transformer_overrides(OmegaConf.create({"recompute": layout.get("recompute", "none"), "tp_comm_overlap": False})),
     )
     model = build_gpt_model(model_cfg, config)
     load_hf_into(model, model_cfg, HFWeights(hf_dir))
