@@ -94,6 +94,19 @@ def _forward_step(data_iterator, model):
     return per_token_loss, lambda output: _loss_func(b.loss_mask, output)
 
 
+def _run_schedule(model_chunks, micro_batches: list[Batch], forward_only: bool) -> list[dict]:
+    b, s = micro_batches[0].tokens.shape
+    return get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(micro_batches),
+        model=model_chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
+
+
 def train_step(model_chunks, optimizer, micro_batches: list[Batch]) -> tuple[float, float, bool]:
     """(loss, grad_norm, update_successful) of one optimizer step over this rank's micro-batches.
 
@@ -103,16 +116,7 @@ def train_step(model_chunks, optimizer, micro_batches: list[Batch]) -> tuple[flo
     for c in model_chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    b, s = micro_batches[0].tokens.shape
-    stats = get_forward_backward_func()(
-        forward_step_func=_forward_step,
-        data_iterator=iter(micro_batches),
-        model=model_chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=False,
-    )
+    stats = _run_schedule(model_chunks, micro_batches, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
     return reduce_loss(stats), float(grad_norm if grad_norm is not None else float("nan")), update_successful
 
@@ -121,17 +125,8 @@ def eval_loss(model_chunks, micro_batches: list[Batch]) -> float:
     """Token-weighted mean loss of the micro-batches (forward only), the same on every rank."""
     for c in model_chunks:
         c.eval()
-    b, s = micro_batches[0].tokens.shape
     with torch.no_grad():
-        stats = get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=iter(micro_batches),
-            model=model_chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=s,
-            micro_batch_size=b,
-            forward_only=True,
-        )
+        stats = _run_schedule(model_chunks, micro_batches, forward_only=True)
     for c in model_chunks:
         c.train()
     return reduce_loss(stats)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 
 import pytest
 import torch
+import psutil
 from safetensors.torch import load_file
 
 from llama_plugin.convert import mcore_to_hf
@@ -34,6 +36,20 @@ def run(demo_data, run_dir, *extra, check=True):
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in rows]
+
+
+def start_run_and_wait(demo_data, run_dir, logged_steps: int) -> subprocess.Popen:
+    """Start a SHORT run in the background; return once `logged_steps` steps are in metrics.jsonl."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "llama_plugin.train", *SHORT, f"train.run_dir={run_dir}"]
+    env = dict(os.environ, DEMO_DATA=str(demo_data))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    jsonl = run_dir / "metrics.jsonl"
+    while not (jsonl.is_file() and len(jsonl.read_text().splitlines()) >= logged_steps):
+        assert time.time() < deadline and proc.poll() is None, "the run did not reach the step"
+        time.sleep(0.05)
+    return proc
 
 
 def final_weights(run_dir, tmp_path, name):
@@ -108,17 +124,7 @@ def test_clean_stop_and_resume_is_bitwise_exact(demo_data, uninterrupted, tmp_pa
 @pytest.mark.slow
 def test_kill_9_between_checkpoints_resumes_exactly(demo_data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "llama_plugin.train", *SHORT, f"train.run_dir={run_dir}"]
-    env = dict(__import__("os").environ, DEMO_DATA=str(demo_data))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait for step 6: after the step-4 checkpoint, before step 8's
-        jsonl = run_dir / "metrics.jsonl"
-        if jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.05)
-    import psutil
+    proc = start_run_and_wait(demo_data, run_dir, 6)  # after the step-4 checkpoint, before step 8's
 
     # kill -9 the launcher and every worker (torchrun starts workers in their own sessions)
     victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
@@ -205,24 +211,12 @@ def test_metrics_reach_jsonl_and_wandb_offline(demo_data, tmp_path):
 @pytest.mark.slow
 def test_sigusr1_checkpoints_stops_and_resumes_exactly(demo_data, uninterrupted, tmp_path):
     """What Slurm's --signal=USR1 triggers: checkpoint after the current step, exit 0, resume exactly."""
-    import psutil
-
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "llama_plugin.train", *SHORT, f"train.run_dir={run_dir}"]
-    env = dict(__import__("os").environ, DEMO_DATA=str(demo_data))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        jsonl = run_dir / "metrics.jsonl"
-        if jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    proc = start_run_and_wait(demo_data, run_dir, 2)
     workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "llama_plugin.train" in " ".join(c.cmdline())]
     assert len(workers) == 2
     workers[0].send_signal(signal.SIGUSR1)  # one rank is enough: ranks agree at the end of each step
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0
+    assert proc.wait(timeout=300) == 0
     state = json.loads((run_dir / "run_state.json").read_text())
     assert state["stopped"] and not state["finished"] and 2 <= state["step"] < 12
     assert (run_dir / "checkpoints" / f"step_{state['step']:08d}").is_dir()
