@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
-import psutil
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from llama_plugin.convert import mcore_to_hf
@@ -222,3 +223,30 @@ def test_sigusr1_checkpoints_stops_and_resumes_exactly(demo_data, uninterrupted,
     assert (run_dir / "checkpoints" / f"step_{state['step']:08d}").is_dir()
     run(demo_data, run_dir)
     assert losses(run_dir) == losses(uninterrupted)
+
+
+def test_training_starts_from_converted_hf_weights(demo_data, tmp_path):
+    """train.load (continued pretraining from an imported HF LLaMA): the first step's loss equals
+    Hugging Face's loss on the same global batch."""
+    from llama_plugin.convert import hf_to_mcore
+    from llama_plugin.data import build_datasets
+    from tests.conftest import make_hf_llama
+
+    hf_model = make_hf_llama(tmp_path / "hf", num_layers=4, vocab=1024, hidden=128, intermediate=512, seed=5)
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    run_dir = tmp_path / "run"
+    run(demo_data, run_dir, f"train.load={tmp_path / 'mcore'}", "train.steps=2", "optimizer.warmup_steps=1")
+    first_loss = losses(run_dir)[0][1]
+
+    cfg = compose("tiny_cpu", [f"train.run_dir={run_dir}"], RecipeConfig)
+    data_cfg = OmegaConf.merge(cfg.data, {"tokenizer_model": str(demo_data / "tokenizer.model"),
+                                          "sources": {"books": {"prefix": str(demo_data / "books_text_document")}}})
+    train_ds, _, _ = build_datasets(data_cfg, 128, cfg.train.seed, 2 * 8, 2 * 8, str(tmp_path / "cache"))
+    samples = [train_ds[i] for i in range(8)]  # step 1's global batch
+    tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
+    with torch.no_grad():
+        logits = hf_model(tokens).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
+    assert abs(first_loss - ref) <= 1e-5, (first_loss, ref)
+    assert "initial weights from" in (run_dir / "config.yaml").read_text()
