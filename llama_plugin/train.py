@@ -254,7 +254,7 @@ def run(cfg, notes: list[str]) -> dict:
                       "tokens_seen": step * G * seq, "train/skipped_update": int(not ok)})
             m.update(throughput.speed_metrics(window_tokens, window_time, world, flops_per_token, peak))
             m["memory/max_allocated_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-                                            else _rss_bytes()) / 2**30
+                                            else _peak_rss_bytes()) / 2**30
             for name, count in zip(source_names, consumed):
                 m[f"data/{name}_share"] = float(count) / float(consumed.sum())
             metrics.log(step, m)
@@ -296,10 +296,11 @@ def count_parameters(model) -> int:
     return int(total.item())
 
 
-def _rss_bytes() -> int:
-    import psutil
+def _peak_rss_bytes() -> int:
+    """On a CPU: this process's peak resident memory (Linux reports KiB)."""
+    import resource
 
-    return psutil.Process().memory_info().rss
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def load_recipe(argv: list[str]):
