@@ -30,6 +30,10 @@ def train_tokenizer(jsonl_files: list[Path], out_prefix: Path, vocab_size: int =
         vocab_size=vocab_size,
         split_digits=True,
         byte_fallback=True,
+        # As LLaMA's tokenizer: text is not normalized and whitespace is kept (code indentation).
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
         character_coverage=character_coverage,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         input_sentence_size=max_sentences,

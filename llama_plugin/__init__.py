@@ -22,7 +22,6 @@ for _message in (
     ".*Apex is not installed.*",
     ".*Transformer Engine and Apex are not installed.*",
     ".*full scope is deprecated.*",
-    ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
     ".*deprecating ShardedTensor.*",
     ".*`load_state_dict` is deprecated.*",
     ".*`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|_reduce_scatter_base)` is deprecated.*",

@@ -6,7 +6,9 @@ Layout of a checkpoint directory:
     train_state.json      training checkpoints: step, scheduler state, samples consumed
     metadata.json, ...    megatron-core dist_checkpointing (torch_dist) files
 
-A distributed checkpoint stores global tensors, so it loads into any TP/PP layout the shape allows.
+A distributed checkpoint stores global tensors, so its weights load into any TP/PP layout the shape
+allows; the distributed optimizer's state is per data-parallel shard of its buckets (see
+OPTIMIZER_METADATA), so a training resume with it keeps TP, PP and the bucket size.
 Saving is atomic: everything is written to a temporary sibling directory that is renamed into place
 only when complete, so a crash never leaves a directory that looks like a checkpoint.
 """
@@ -65,9 +67,9 @@ def save_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, optimi
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     rank = dist.get_rank()
+    if out_dir.exists():  # every rank checks (shared file system), so all raise rather than hang
+        raise CheckpointError(f"{out_dir}: already exists; refusing to overwrite a checkpoint")
     if rank == 0:
-        if out_dir.exists():
-            raise CheckpointError(f"{out_dir}: already exists; refusing to overwrite a checkpoint")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()

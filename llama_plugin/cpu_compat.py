@@ -153,6 +153,10 @@ def activate() -> bool:
         return False
     if _active_mode is not None:
         return True
+    import warnings
+
+    # Advice for GPUs (one CUDA hardware queue for TP/SP overlap): noise on a CPU.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
 
     torch.cuda.current_device = _current_device
     torch.cuda.synchronize = _synchronize

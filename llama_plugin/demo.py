@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
         _run([py, "-m", "data_prep", "demo", "--out", str(data)], env)
     corpus = json.loads((data / "summary.json").read_text())
 
+    if run_dir.exists():  # a fresh run each time: the demo shows training, not a resume
+        print(f"removing the previous demo run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     overrides = [f"train.run_dir={run_dir}"]
     if args.steps:
         overrides += [f"train.steps={args.steps}", f"train.eval_interval={max(args.steps // 4, 1)}",

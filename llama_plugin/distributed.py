@@ -27,6 +27,9 @@ def init_distributed(
     timeout_minutes: int = 30,
 ) -> None:
     """Initialize torch.distributed (once) and megatron-core's model-parallel groups."""
+    if torch.cuda.is_available():
+        # megatron-core overlaps TP/SP communication with compute only with one hardware queue.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     cpu_compat.activate()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -64,6 +67,11 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    """Where this rank's tensors live: its GPU, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from llama_plugin import checkpoint
-from llama_plugin.distributed import init_distributed, run_in_world
+from llama_plugin.distributed import device, init_distributed, run_in_world
 from llama_plugin.model import build_gpt_model, transformer_config
 
 
@@ -30,8 +30,9 @@ def last_stage_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
 
     Collective over the model-parallel group; every rank passes the same tokens.
     """
+    tokens = tokens.to(device())
     batch, seq = tokens.shape
-    positions = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
 
     def forward_step(data_iterator, chunk):
         logits = chunk(tokens, positions, None, runtime_gather_output=True)
@@ -47,7 +48,7 @@ def last_stage_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
         forward_only=True,
         collect_non_loss_data=True,
     )
-    return outputs[0].float() if parallel_state.is_pipeline_last_stage() else None
+    return outputs[0].float().cpu() if parallel_state.is_pipeline_last_stage() else None
 
 
 def pick_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -77,9 +78,9 @@ def generate_ids(model, prompt: list[int], max_new_tokens: int, *, greedy=True, 
             break
         with torch.no_grad():
             logits = last_stage_logits(model, torch.tensor([tokens]))
-        nxt = torch.tensor([-1])
+        nxt = torch.tensor([-1], device=device())
         if logits is not None:
-            nxt[0] = pick_next(logits[0, -1, :vocab_limit], greedy, temperature, top_p, gen)
+            nxt[0] = pick_next(logits[0, -1, :vocab_limit].cpu(), greedy, temperature, top_p, gen)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, src=last_rank, group=parallel_state.get_pipeline_model_parallel_group())
         tokens.append(int(nxt[0]))

@@ -36,7 +36,13 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         if not self.jsonl.is_file():
             return
-        keep = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line torn by a crash mid-append
         tmp = self.jsonl.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.jsonl)

@@ -28,6 +28,16 @@ _TP_SPLIT_DIM = {
 }
 
 
+def _have_fused_softmax_kernels() -> bool:
+    """megatron's fused masked softmax needs apex-built CUDA extensions."""
+    try:
+        import scaled_masked_softmax_cuda  # noqa: F401
+        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def tp_split_dim(name: str) -> int | None:
     return next((d for suffix, d in _TP_SPLIT_DIM.items() if name.endswith(suffix)), None)
 
@@ -116,7 +126,7 @@ def transformer_config(
         perform_initialization=perform_initialization,
         # Fused kernels exist only on GPU.
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu and not HAVE_TE,
+        masked_softmax_fusion=on_gpu and not HAVE_TE and _have_fused_softmax_kernels(),
         apply_rope_fusion=on_gpu and HAVE_TE,
     )
     settings.update(overrides)

@@ -29,14 +29,15 @@ def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
 
 
 def peak_flops_per_device(configured: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s, where the figure comes from)."""
-    if configured:
-        return float(configured), "cluster.peak_flops_per_gpu"
+    """(peak FLOP/s, where the figure comes from): the device actually present decides; the
+    cluster's configured figure is used for GPUs missing from the table."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, peak in DENSE_BF16_PEAK.items():
             if key in name:
                 return peak, f"{name}: dense bf16 datasheet peak"
+        if configured:
+            return float(configured), f"{name}: cluster.peak_flops_per_gpu"
         raise ValueError(f"cluster.peak_flops_per_gpu: unknown GPU {name!r}; set its dense bf16 peak FLOP/s")
     return measure_cpu_matmul_flops(), "CPU: measured fp32 1024x1024 matmul throughput of one process"
 

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from llama_plugin import checkpoint, flops, throughput
 from llama_plugin.data import build_datasets, check_data_files, micro_batches, source_counts
-from llama_plugin.distributed import init_distributed, shutdown
+from llama_plugin.distributed import device, init_distributed, shutdown
 from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.metrics_log import MetricsLog, format_line
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
@@ -52,10 +52,10 @@ def lr_at(step: int, o, total_steps: int) -> float:
         return peak * step / o.warmup_steps
     if o.decay_style == "constant":
         return peak
-    if o.decay_style == "inverse-square-root":
-        return max(floor, peak * math.sqrt(max(o.warmup_steps, 1)) / math.sqrt(max(step, 1)))
     if step > decay:
         return floor
+    if o.decay_style == "inverse-square-root":
+        return max(floor, peak * math.sqrt(max(o.warmup_steps, 1)) / math.sqrt(max(step, 1)))
     ratio = (step - o.warmup_steps) / (decay - o.warmup_steps)
     coeff = 0.5 * (math.cos(math.pi * ratio) + 1) if o.decay_style == "cosine" else 1 - ratio
     return floor + coeff * (peak - floor)
@@ -103,7 +103,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Whether any rank was signalled (all ranks must stop at the same step)."""
-        flag = torch.tensor([1 if self.requested else 0])
+        flag = torch.tensor([1 if self.requested else 0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -207,7 +207,8 @@ def run(cfg, notes: list[str]) -> dict:
             # so the checkpoint holds the updated weights.
             for c in chunks:
                 c.disable_forward_pre_hook(param_sync=True)
-        state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": step * G}
+        state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": step * G,
+                 "resume_fields": resume_fields(cfg)}
         checkpoint.save_checkpoint(chunks, ckpt_root / checkpoint.step_dir_name(step), cfg.model, dtype,
                                    optimizer=optimizer, train_state=state)
         if p.overlap_param_gather:
@@ -217,7 +218,8 @@ def run(cfg, notes: list[str]) -> dict:
             checkpoint.prune_checkpoints(ckpt_root, t.keep_checkpoints)
 
     stop = StopRequest()
-    consumed = source_counts(train_ds, 0, start_step * G, len(source_names))
+    # Per-source shares are logged by rank 0 only; other ranks skip the counting.
+    consumed = source_counts(train_ds, 0, start_step * G, len(source_names)) if rank == 0 else None
     bar = None
     if rank == 0 and cfg.logging.progress_bar:
         from tqdm import tqdm
@@ -238,7 +240,8 @@ def run(cfg, notes: list[str]) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(increment=1)
         step_time = time.perf_counter() - t0
-        consumed += source_counts(train_ds, step * G, (step + 1) * G, len(source_names))
+        if rank == 0:
+            consumed += source_counts(train_ds, step * G, (step + 1) * G, len(source_names))
         step += 1
         window_tokens += G * seq
         window_time += step_time
@@ -255,12 +258,13 @@ def run(cfg, notes: list[str]) -> dict:
             m.update(throughput.speed_metrics(window_tokens, window_time, world, flops_per_token, peak))
             m["memory/max_allocated_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                                             else _peak_rss_bytes()) / 2**30
-            for name, count in zip(source_names, consumed):
-                m[f"data/{name}_share"] = float(count) / float(consumed.sum())
+            if rank == 0:
+                for name, count in zip(source_names, consumed):
+                    m[f"data/{name}_share"] = float(count) / float(consumed.sum())
             metrics.log(step, m)
             if rank == 0:
                 line = format_line(step, t.steps, m)
-                (bar.write(line) if bar else print(line, flush=True))
+                (bar.write(line) if bar and not bar.disable else print(line, flush=True))
             window_tokens, window_time = 0, 0.0  # training steps only: evaluation and saving excluded
         if bar:
             bar.update(1)
@@ -291,7 +295,7 @@ def count_parameters(model) -> int:
     model-parallel group, replicated weights (norms) counted once."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     local = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
-    total = torch.tensor([local], dtype=torch.int64)
+    total = torch.tensor([local], dtype=torch.int64, device=device())
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return int(total.item())
 
@@ -301,6 +305,38 @@ def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# Fields a resumed run must share with the checkpoint to continue exactly: the data order (batch,
+# sequence, seed, steps -> dataset size, sources), the schedule, and for the distributed optimizer
+# (saved per data-parallel shard of its buckets) the model-parallel layout and bucket size.
+_RESUME_FIELDS = ("train.global_batch_size", "model.seq_length", "train.seed", "train.steps", "data.sources",
+                  "data.split", "optimizer.lr", "optimizer.min_lr_ratio", "optimizer.warmup_steps",
+                  "optimizer.decay_steps", "optimizer.decay_style", "parallel.distributed_optimizer")
+_DISTOPT_RESUME_FIELDS = ("parallel.tensor", "parallel.pipeline", "parallel.bucket_size")
+
+
+def resume_fields(cfg) -> dict:
+    keys = _RESUME_FIELDS + (_DISTOPT_RESUME_FIELDS if cfg.parallel.distributed_optimizer else ())
+    return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v for k in keys}
+
+
+def check_resume(cfg) -> None:
+    """Before any work: a run directory's newest checkpoint must fit the recipe (or the load must)."""
+    complete = checkpoint.complete_checkpoints(Path(cfg.train.run_dir) / "checkpoints")
+    if complete:
+        saved = json.loads((complete[-1][1] / checkpoint.TRAIN_STATE_FILE).read_text()).get("resume_fields", {})
+        now = resume_fields(cfg)
+        for key, value in saved.items():
+            if key in now and now[key] != value:
+                raise RecipeError(f"{key}: {now[key]!r} differs from {value!r} in {complete[-1][1]}; an exact resume "
+                                  f"needs the same value (or use a new train.run_dir)")
+        return
+    if cfg.train.load:
+        saved_model, _ = checkpoint.read_model_record(cfg.train.load)
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
+            if saved_model[key] != cfg.model[key]:
+                raise RecipeError(f"model.{key}: {cfg.model[key]} but train.load={cfg.train.load} has {saved_model[key]}")
 
 
 def load_recipe(argv: list[str]):
@@ -321,7 +357,8 @@ def main(argv=None) -> int:
         cfg = load_recipe(argv)
         cfg, notes = resolve(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         check_data_files(cfg.data, cfg.model.vocab_size)
-    except (RecipeError, ModelConfigError) as e:
+        check_resume(cfg)
+    except (RecipeError, ModelConfigError, checkpoint.CheckpointError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2

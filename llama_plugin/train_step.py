@@ -21,6 +21,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from llama_plugin.distributed import device
+
 
 @dataclass
 class Batch:
@@ -89,9 +91,11 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     b = next(data_iterator)
-    positions = torch.arange(b.tokens.shape[1]).unsqueeze(0).expand_as(b.tokens)
-    per_token_loss = model(b.tokens, positions, None, labels=b.labels)
-    return per_token_loss, lambda output: _loss_func(b.loss_mask, output)
+    dev = device()
+    tokens, labels, loss_mask = b.tokens.to(dev), b.labels.to(dev), b.loss_mask.to(dev)
+    positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+    per_token_loss = model(tokens, positions, None, labels=labels)
+    return per_token_loss, lambda output: _loss_func(loss_mask, output)
 
 
 def _run_schedule(model_chunks, micro_batches: list[Batch], forward_only: bool) -> list[dict]:
@@ -134,7 +138,7 @@ def eval_loss(model_chunks, micro_batches: list[Batch]) -> float:
 
 def reduce_loss(stats: list[dict]) -> float:
     """Token-weighted mean of the micro-batch losses over the data-parallel group, on every rank."""
-    total = torch.zeros(2)
+    total = torch.zeros(2, device=device())
     if parallel_state.is_pipeline_last_stage():
         for s in stats:
             total += s["lm_loss"]

@@ -90,7 +90,9 @@ class ClusterConfig:
     name: str = MISSING
     nodes: int = 1
     gpus_per_node: int = 8  # processes per node (CPU processes on `local`)
-    peak_flops_per_gpu: Optional[float] = None  # dense bf16 FLOP/s for MFU; None: detect the device
+    # Dense bf16 FLOP/s for MFU of a GPU missing from llama_plugin/throughput.py's table (A100,
+    # H100, H200 are detected); the figure used and its source are written to the run config.
+    peak_flops_per_gpu: Optional[float] = None
 
 
 @dataclass

@@ -121,3 +121,21 @@ def test_mfu_for_the_7b_shape_by_hand():
     assert m["throughput/tflops_per_gpu"] == pytest.approx(3000 * 42_865_287_168 / 1e12)
     assert m["throughput/mfu"] == pytest.approx(3000 * 42_865_287_168 / 312e12)  # = 0.4122
     assert m["throughput/mfu"] == pytest.approx(0.41216622, rel=1e-6)
+
+
+def test_resume_refuses_a_recipe_that_changes_the_data_order(tmp_path):
+    import json
+
+    from llama_plugin.train import check_resume, resume_fields
+
+    cfg, _ = resolve(recipe("tiny_cpu", f"train.run_dir={tmp_path}"), 2)
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "llama_model.json").write_text("{}")
+    (ckpt / "train_state.json").write_text(json.dumps({"step": 4, "resume_fields": resume_fields(cfg)}))
+    check_resume(cfg)  # the same recipe resumes
+    changed, _ = resolve(recipe("tiny_cpu", f"train.run_dir={tmp_path}", "train.global_batch_size=32"), 2)
+    with pytest.raises(RecipeError, match="train.global_batch_size"):
+        check_resume(changed)
+    other_layout, _ = resolve(recipe("tiny_cpu", f"train.run_dir={tmp_path}", "parallel=cpu_single"), 2)
+    check_resume(other_layout)  # without the distributed optimizer the layout may change
