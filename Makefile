@@ -29,5 +29,6 @@ test-fast: setup
 demo: setup
 	$(PY) -m llama_plugin.demo --out $(DEMO)
 
+# Leaves runs/ alone: it holds checkpoints.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache

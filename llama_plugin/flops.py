@@ -14,7 +14,10 @@ FORMULA = "6*N_matmul + 12*L*H*Q*T (PaLM appendix B; N_matmul excludes the input
 
 
 def flops_per_token(num_parameters: int, model) -> int:
-    n_matmul = num_parameters - model.vocab_size * model.hidden_size
+    # The input embedding is a lookup; when it is tied to the output projection, that matrix still
+    # does the output matmul, so nothing is subtracted.
+    lookup_only = 0 if model.share_embeddings_and_output_weights else model.vocab_size * model.hidden_size
+    n_matmul = num_parameters - lookup_only
     head_dim = model.hidden_size // model.num_attention_heads
     attention = 12 * model.num_layers * model.num_attention_heads * head_dim * model.seq_length
     return 6 * n_matmul + attention

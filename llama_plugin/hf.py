@@ -59,7 +59,8 @@ def model_config_from_hf(hf_dir) -> tuple:
         if got != want:
             raise HFFolderError(f"{path}: field '{key}' is {got!r}; LLaMA needs {want!r}")
     rope = hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type") or (hf.get("rope_scaling") or {}).get("rope_type", "default")
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type != "default":
         raise HFFolderError(f"{path}: field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is supported")
     heads, hidden = need("num_attention_heads"), need("hidden_size")
