@@ -91,10 +91,6 @@ def save_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, optimi
     dist.barrier()
 
 
-def save_model_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, extra_files=None):
-    save_checkpoint(model_chunks, out_dir, model_cfg, dtype, extra_files=extra_files)
-
-
 def read_model_record(ckpt_dir) -> tuple:
     """(ModelConfig, params dtype) stored with a checkpoint."""
     ckpt_dir = Path(ckpt_dir)
@@ -179,10 +175,6 @@ def _prime_distributed_optimizer_state(optimizer) -> None:
             for p in group["params"]:
                 opt.optimizer.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
                                           "step": torch.tensor(0.0)}
-
-
-def load_model_checkpoint(model_chunks, ckpt_dir) -> None:
-    load_checkpoint(model_chunks, ckpt_dir)
 
 
 def step_dir_name(step: int) -> str:

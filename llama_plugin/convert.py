@@ -73,7 +73,7 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int) -> None:
     )
     model = build_gpt_model(model_cfg, config)
     load_hf_into(model, model_cfg, weights)
-    checkpoint.save_model_checkpoint(
+    checkpoint.save_checkpoint(
         [model], out_dir, model_cfg, dtype,
         extra_files={checkpoint.HF_CONFIG_FILE: json.dumps(hf_raw, indent=2) + "\n"},
     )
@@ -94,7 +94,7 @@ def mcore_state_dict(ckpt_dir) -> tuple:
     init_distributed(1, 1)
     config = transformer_config(model_cfg, params_dtype=dtype, use_cpu_initialization=True, perform_initialization=False)
     model = build_gpt_model(model_cfg, config)
-    checkpoint.load_model_checkpoint([model], ckpt_dir)
+    checkpoint.load_checkpoint([model], ckpt_dir)
     return {n: p.detach() for n, p in model.named_parameters()}, model_cfg, dtype
 
 

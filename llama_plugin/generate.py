@@ -96,7 +96,7 @@ def load_for_inference(ckpt_dir, tp: int = 1, pp: int = 1):
     config = transformer_config(model_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype,
                                 perform_initialization=False)
     model = build_gpt_model(model_cfg, config)
-    checkpoint.load_model_checkpoint([model], ckpt_dir)
+    checkpoint.load_checkpoint([model], ckpt_dir)
     return model.eval(), model_cfg
 
 

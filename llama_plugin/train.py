@@ -154,7 +154,6 @@ def run(cfg, notes: list[str]) -> dict:
     run_dir, ckpt_root = Path(t.run_dir), Path(t.run_dir) / "checkpoints"
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     dist.barrier()
 
     model, chunks, optimizer = build_model_and_optimizer(cfg)
