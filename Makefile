@@ -6,9 +6,20 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup system test test-fast demo clean
 
-setup: $(STAMP)
+setup: $(STAMP) system
+
+# Debian packages the Slurm tests use: a real Slurm (slurm/local_cluster.sh starts it) and
+# shellcheck for the rendered job scripts. Installed only when missing (needs root).
+SYSTEM_TOOLS := sbatch slurmctld slurmd munged shellcheck
+system:
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing $$missing: run 'make system' as root (apt-get)" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    slurmctld slurmd slurm-client munge shellcheck >/dev/null; \
+	fi
 
 # torch goes first and alone with its exact pin: anything looser pulls a multi-GB CUDA build.
 $(STAMP): requirements.txt

@@ -89,6 +89,8 @@ def resolve(cfg, world_size: int, have_te: bool = HAVE_TE, have_cuda: bool | Non
         raise RecipeError(f"optimizer.{bad}: out of range ({o[bad]})")
     if t.exit_at_step is not None and not 0 < t.exit_at_step <= t.steps:
         raise RecipeError(f"train.exit_at_step: must be in [1, train.steps={t.steps}], got {t.exit_at_step}")
+    if t.exit_interval is not None and t.exit_interval <= 0:
+        raise RecipeError(f"train.exit_interval: must be > 0, got {t.exit_interval}")
     if t.eval_batches < 0:
         raise RecipeError(f"train.eval_batches: must be >= 0, got {t.eval_batches}")
     return cfg, notes

@@ -1,13 +1,14 @@
 """Pretrain LLaMA with megatron-core from a recipe.
 
     torchrun --nproc_per_node N -m llama_plugin.train <recipe> [hydra overrides]
+    torchrun ... -m llama_plugin.train --config <run_dir>/slurm/recipe.yaml [key=value ...]
     python -m llama_plugin.train <recipe> [overrides]            (one process)
 
 The run directory (train.run_dir) holds everything: resolved config, checkpoints/step_*/,
 metrics.jsonl, wandb/. A run resumes from its newest complete checkpoint automatically; a fresh
 run can start from other weights (train.load, e.g. a converted HF checkpoint). SIGUSR1 or SIGTERM
 make the run checkpoint after the current step and exit 0 with `stopped` in run_state.json, so a
-scheduler can requeue it; `finished` there marks a completed run.
+scheduler can requeue it; `finished` there, and a FINISHED file, mark a completed run.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.metrics_log import MetricsLog, format_line
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
 from llama_plugin.train_step import build_optimizer, eval_loss, train_step, wrap_ddp
-from recipes import RecipeError, compose
+from recipes import RecipeError, compose, load_file
 from recipes.schema import RecipeConfig
 
 RUN_STATE = "run_state.json"
+FINISHED_MARKER = "FINISHED"  # in the run directory once the last step is done (schedulers stop on it)
 _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -268,7 +270,7 @@ def run(cfg, notes: list[str]) -> dict:
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-        stop_now = stop.agreed()
+        stop_now = stop.agreed() or bool(t.exit_interval and step % t.exit_interval == 0)
         if step % t.save_interval == 0 or step == final_step or stop_now:
             save(step)
         if stop_now and step < final_step:
@@ -285,6 +287,8 @@ def run(cfg, notes: list[str]) -> dict:
     metrics.close()
     if rank == 0:
         _write_json_atomic(run_dir / RUN_STATE, summary)
+        if summary["finished"]:
+            _write_json_atomic(run_dir / FINISHED_MARKER, {"step": step, "checkpoint": summary["checkpoint"]})
     dist.barrier()
     return summary
 
@@ -339,7 +343,12 @@ def check_resume(cfg) -> None:
 
 
 def load_recipe(argv: list[str]):
-    """(recipe name, validated config) from command-line arguments."""
+    """The validated config from command-line arguments: `<recipe> [overrides]` or
+    `--config <composed recipe.yaml> [overrides]`."""
+    if argv and argv[0] == "--config":
+        if len(argv) < 2:
+            raise RecipeError("--config needs a file")
+        return load_file(argv[1], argv[2:], RecipeConfig)
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         raise RecipeError("usage: python -m llama_plugin.train <recipe> [overrides]; recipes: "
                           + ", ".join(sorted(f.stem for f in Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml")

@@ -1,7 +1,8 @@
 """The recipe tree: Hydra config groups (model/, ...) and the schemas in schema.py.
 
 `compose(name, overrides, schema)` composes a top-level recipe with Hydra CLI-style overrides and
-validates it against its schema; every mistake is a `RecipeError` naming the field.
+validates it against its schema; `load_file(path, overrides, schema)` does the same for a recipe
+already composed and saved (what a Slurm job runs). Every mistake is a `RecipeError` naming the field.
 """
 
 from __future__ import annotations
@@ -55,3 +56,30 @@ def compose(name: str, overrides: list[str] | tuple[str, ...] = (), schema: type
         message = " ".join(str(e).split()).split(" Config search path")[0]
         raise RecipeError(message) from None
     return validate(cfg, schema) if schema is not None else cfg
+
+
+def load_file(path: str | Path, overrides: list[str] | tuple[str, ...] = (), schema: type | None = None):
+    """A composed recipe saved as YAML (e.g. by slurm.launch), with `key=value` overrides."""
+    path = Path(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist") from None
+    except Exception as e:  # yaml's parser errors carry the line
+        raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError(f"recipe file {path} does not hold a mapping")
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise RecipeError(f"override {item!r} is not key=value")
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            raise RecipeError(f"override {item!r}: {key} is not a field of {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+    return validate(cfg, schema) if schema is not None else cfg
+
+
+_ABSENT = object()

@@ -6,7 +6,7 @@ Defaults are LLaMA's (../shared/LLAMA_FACTS.md); a preset file sets only what di
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -87,12 +87,36 @@ class LoggingConfig:
 
 @dataclass
 class ClusterConfig:
+    """Where the run goes: the machine shape for the layout checks and what slurm/ renders."""
+
     name: str = MISSING
     nodes: int = 1
     gpus_per_node: int = 8  # processes per node (CPU processes on `local`)
     # Dense bf16 FLOP/s for MFU of a GPU missing from llama_plugin/throughput.py's table (A100,
     # H100, H200 are detected); the figure used and its source are written to the run config.
     peak_flops_per_gpu: Optional[float] = None
+    # --- Slurm (slurm/launch.py); the rest is ignored by a direct torchrun ---
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_limit: str = "1:00:00"  # the partition's limit, [D-]HH:MM:SS; longer runs requeue or chain
+    cpus_per_node: int = 2  # for the one task (torchrun) per node
+    gres: Optional[str] = None  # e.g. "gpu": asks --gres=gpu:<gpus_per_node>; None on CPU nodes
+    mem: Optional[str] = None  # --mem per node, e.g. "0" (all of it)
+    exclusive: bool = False
+    job_name: str = "${name}"
+    workdir: Optional[str] = None  # where jobs run (relative paths resolve here); None: the launch dir
+    venv: Optional[str] = None  # virtualenv activated in the job
+    modules: List[str] = field(default_factory=list)  # `module load` each, before the venv
+    container_image: Optional[str] = None  # pyxis/enroot image for srun (--container-image)
+    container_mounts: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)  # exported in the job (NCCL/network settings)
+    srun_args: List[str] = field(default_factory=list)  # extra srun options, one per item
+    rdzv_port: int = 29500  # c10d rendezvous port on the first node
+    signal_lead_s: int = 300  # USR1 this long before the time limit: checkpoint, then requeue/chain
+    max_restarts: int = 3  # requeues of one job (preemption or time limit) before it gives up
+    chain_jobs: int = 1  # >1: a chain of up to this many jobs, each depending (afterany) on the last
+    max_failures: int = 2  # chain: stop when this many jobs of the chain ended with training failing
 
 
 @dataclass
@@ -109,6 +133,9 @@ class TrainConfig:
     run_dir: str = "runs/${name}"
     load: Optional[str] = None  # initial weights (e.g. an imported HF checkpoint) if run_dir has none
     exit_at_step: Optional[int] = None  # checkpoint and stop after this step (for staged runs)
+    # Checkpoint and stop (not finished) at every multiple of this step: one slice of a long run per
+    # job; the scheduler requeues or chains the next (slurm/).
+    exit_interval: Optional[int] = None
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""Render a recipe's Slurm job and submit it.
+
+    python -m slurm.launch <recipe> [hydra overrides] [--dry-run]
+
+Composes the recipe (same tree and overrides as `python -m llama_plugin.train`), checks the
+parallel layout against the allocation (tensor * pipeline * data == cluster.nodes *
+cluster.gpus_per_node, tensor parallelism within a node, batch sizes), writes
+<run_dir>/slurm/recipe.yaml (the composed recipe the job trains from) and
+<run_dir>/slurm/job.sbatch, prints the script and submits it with sbatch unless --dry-run.
+Errors name the field and exit 2 before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from llama_plugin.layout import resolve
+from recipes import RecipeError, compose
+from recipes.schema import RecipeConfig
+from slurm.render import render
+
+USAGE = "usage: python -m slurm.launch <recipe> [overrides] [--dry-run]"
+
+
+def check_allocation(cfg) -> dict:
+    """The layout the allocation gives; RecipeError when the recipe does not fit it."""
+    c, p = cfg.cluster, cfg.parallel
+    world = c.nodes * c.gpus_per_node
+    if p.tensor > c.gpus_per_node:
+        raise RecipeError(f"parallel.tensor: {p.tensor} is more than cluster.gpus_per_node={c.gpus_per_node} "
+                          "(tensor parallelism must stay within a node)")
+    try:
+        # On GPU nodes TransformerEngine and CUDA are assumed (training re-checks on the nodes).
+        on_gpus = c.gres is not None
+        resolved, notes = resolve(cfg, world, have_te=on_gpus, have_cuda=on_gpus)
+    except RecipeError as e:
+        if "world size" not in str(e) and "data-parallel" not in str(e):
+            raise
+        raise RecipeError(f"{e} (world size = cluster.nodes * cluster.gpus_per_node = {c.nodes} * "
+                          f"{c.gpus_per_node})") from None
+    rp = resolved.parallel
+    return {"world_size": world, "tensor": rp.tensor, "pipeline": rp.pipeline, "data": rp.data, "notes": notes}
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
+    """(script path, script text, layout) with the files written; nothing submitted."""
+    cfg = compose(recipe, overrides, RecipeConfig)
+    layout = check_allocation(cfg)
+    cwd = Path.cwd() if cwd is None else cwd
+    workdir = Path(cfg.cluster.workdir or cwd).absolute()
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    # Absolute, so that requeued and chained jobs find the run wherever they start.
+    run_dir = workdir / cfg.train.run_dir
+    cfg.train.run_dir = str(run_dir)
+    slurm_dir = run_dir / "slurm"
+    recipe_file, script_file = slurm_dir / "recipe.yaml", slurm_dir / "job.sbatch"
+    text = render(cfg, run_dir, recipe_file, script_file, workdir)
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(recipe_file, OmegaConf.to_yaml(cfg))
+    _write_atomic(script_file, text, 0o755)
+    return script_file, text, layout
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    if argv[0].startswith("-") or "=" in argv[0]:
+        print(f"error: {USAGE}", file=sys.stderr)
+        return 2
+    try:
+        script_file, text, layout = prepare(argv[0], argv[1:])
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    for note in layout["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"layout: world size {layout['world_size']} = tensor {layout['tensor']} x pipeline {layout['pipeline']} "
+          f"x data {layout['data']}", file=sys.stderr)
+    print(f"wrote {script_file}", file=sys.stderr)
+    if dry_run:
+        return 0
+    result = subprocess.run(["sbatch", "--parsable", str(script_file)], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"error: sbatch refused {script_file}: {result.stderr.strip()}", file=sys.stderr)
+        return 1
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

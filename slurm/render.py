@@ -1,0 +1,242 @@
+"""The sbatch script of a training run, rendered from its recipe's `cluster` section.
+
+One job = N nodes, one task per node; each task runs `torchrun` with c10d rendezvous on the job's
+first node, training from the composed recipe file. The batch shell traps USR1 (sent by Slurm
+`signal_lead_s` before the time limit, or by `scancel --batch --signal=USR1`), passes it to the
+training processes (which checkpoint and exit 0), and then continues the run: with a chained
+successor job waiting (`--dependency=afterany`), by ending; otherwise by `scontrol requeue`, at
+most `max_restarts` times. A `FINISHED` marker in the run directory (written by training) ends it
+all. Every value from the config is quoted for the place it goes: bash words with shlex, `#SBATCH`
+values for sbatch's own parser; control characters are refused.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from llama_plugin.train import FINISHED_MARKER
+from recipes import RecipeError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_PLAIN = re.compile(r"^[A-Za-z0-9_./:@+,=-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")
+
+
+def _check_text(field: str, value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise RecipeError(f"{field}: control characters (newline, tab, ...) are not allowed: {value!r}")
+    return value
+
+
+def directive_value(field: str, value) -> str:
+    """A value for an `#SBATCH --opt=VALUE` line. sbatch splits those lines on spaces and reads
+    double quotes with backslash escapes; the line is a comment to bash."""
+    value = _check_text(field, str(value))
+    if _PLAIN.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sh(field: str, value) -> str:
+    """One bash word."""
+    return shlex.quote(_check_text(field, str(value)))
+
+
+def _task_command(c) -> str:
+    """What each node's task runs. Single-quoted as a whole: $SLURM_NODEID and friends expand in
+    the task, on its node, not in the batch shell (node 0 hosts the rendezvous store; c10d assigns
+    the ranks). USR1 is ignored by torchrun (inherited SIG_IGN:
+    its default action would kill it); the training processes install their own handler."""
+    is_host = '$([ "$SLURM_NODEID" = 0 ] && echo true || echo false)'
+    return ('trap "" USR1; exec torchrun'
+            ' --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE"'
+            ' --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$RDZV_PORT"'
+            f' --rdzv_conf="is_host={is_host}" --max_restarts=0'
+            ' -m llama_plugin.train --config "$RECIPE_FILE"')
+
+
+def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Path) -> str:
+    """The sbatch script text for a validated recipe (paths absolute)."""
+    c = cfg.cluster
+    if not _TIME.match(c.time_limit):
+        raise RecipeError(f"cluster.time_limit: {c.time_limit!r} is not [D-]HH:MM:SS, MM:SS or minutes")
+    for key in ("cpus_per_node", "rdzv_port", "signal_lead_s", "chain_jobs", "max_failures"):
+        if c[key] <= 0:
+            raise RecipeError(f"cluster.{key}: must be > 0, got {c[key]}")
+    if c.max_restarts < 0:
+        raise RecipeError(f"cluster.max_restarts: must be >= 0, got {c.max_restarts}")
+    slurm_dir = run_dir / "slurm"
+    # Slurm expands %j (job id) and friends in --output; a literal % in the path is written %%.
+    output = str(slurm_dir).replace("%", "%%") + "/slurm-%j.out"
+
+    d = [("job-name", c.job_name, "cluster.job_name"), ("nodes", c.nodes, "cluster.nodes"),
+         ("ntasks-per-node", 1, ""), ("cpus-per-task", c.cpus_per_node, "cluster.cpus_per_node")]
+    if c.gres:
+        d.append(("gres", f"{c.gres}:{c.gpus_per_node}", "cluster.gres"))
+    if c.mem is not None:
+        d.append(("mem", c.mem, "cluster.mem"))
+    d.append(("time", c.time_limit, "cluster.time_limit"))
+    for key in ("partition", "account", "qos"):
+        if c[key]:
+            d.append((key, c[key], f"cluster.{key}"))
+    d += [("output", output, "train.run_dir"), ("open-mode", "append", ""),
+          ("signal", f"B:USR1@{c.signal_lead_s}", ""), ("requeue", None, ""), ("chdir", str(workdir), "cluster.workdir")]
+    if c.exclusive:
+        d.append(("exclusive", None, ""))
+    directives = [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={directive_value(f, v)}" for k, v, f in d]
+
+    setup = [f"module load {sh('cluster.modules', m)}" for m in c.modules]
+    if c.venv:
+        setup += ["# shellcheck source=/dev/null", f"source {sh('cluster.venv', str(Path(c.venv) / 'bin' / 'activate'))}"]
+    for name, value in c.env.items():
+        if not _ENV_NAME.match(name):
+            raise RecipeError(f"cluster.env: {name!r} is not a valid environment variable name")
+        setup.append(f"export {name}={sh(f'cluster.env.{name}', value)}")
+    srun_opts = ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if c.container_image:
+        srun_opts.append(f"--container-image={sh('cluster.container_image', c.container_image)}")
+        if c.container_mounts:
+            srun_opts.append(f"--container-mounts={sh('cluster.container_mounts', c.container_mounts)}")
+        srun_opts.append(f"--container-workdir={sh('cluster.workdir', str(workdir))}")
+    srun_opts += [sh("cluster.srun_args", a) for a in c.srun_args]
+
+    values = {
+        "RECIPE_NAME": _check_text("name", cfg.name),
+        "DIRECTIVES": "\n".join(directives),
+        "RUN_DIR": sh("train.run_dir", str(run_dir)),
+        "SLURM_DIR": sh("train.run_dir", str(slurm_dir)),
+        "SCRIPT": sh("train.run_dir", str(script_file)),
+        "RECIPE_FILE": sh("train.run_dir", str(recipe_file)),
+        "WORKDIR": sh("cluster.workdir", str(workdir)),
+        "PROJECT_ROOT": sh("project root", str(PROJECT_ROOT)),
+        "NPROC_PER_NODE": str(int(c.gpus_per_node)),
+        "RDZV_PORT": str(int(c.rdzv_port)),
+        "THREADS_PER_PROCESS": str(max(1, c.cpus_per_node // c.gpus_per_node)),
+        "MAX_RESTARTS": str(int(c.max_restarts)),
+        "CHAIN_JOBS": str(int(c.chain_jobs)),
+        "MAX_FAILURES": str(int(c.max_failures)),
+        "FINISHED_MARKER": FINISHED_MARKER,
+        "SETUP": "\n".join(setup) if setup else "# (no modules, venv or environment configured)",
+        "SRUN_OPTS": " ".join(srun_opts),
+        "TASK": shlex.quote(_task_command(c)),
+    }
+    # One pass over the template: text inserted from the config is never substituted again.
+    return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], TEMPLATE)
+
+
+TEMPLATE = r"""#!/bin/bash
+# LLaMA training job for recipe @RECIPE_NAME@, rendered by `python -m slurm.launch`; re-render
+# rather than edit (the recipe is the source of truth).
+# Values from the config are literal text by design, $ and ` included:
+# shellcheck disable=SC2016
+@DIRECTIVES@
+
+# This runs in the batch shell on the first node; the srun task below runs once per node.
+set -uo pipefail
+
+RUN_DIR=@RUN_DIR@
+SLURM_DIR=@SLURM_DIR@
+SCRIPT=@SCRIPT@
+MAX_RESTARTS=@MAX_RESTARTS@
+CHAIN_JOBS=@CHAIN_JOBS@
+MAX_FAILURES=@MAX_FAILURES@
+RESTARTS=${SLURM_RESTART_COUNT:-0}
+CHAIN_INDEX=${LLAMA_CHAIN_INDEX:-1}
+# Read by every task (srun passes the environment on).
+export RECIPE_FILE=@RECIPE_FILE@
+export NPROC_PER_NODE=@NPROC_PER_NODE@
+export RDZV_PORT=@RDZV_PORT@
+# CPU threads per training process unless the cluster's env sets it (torchrun's default is 1).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-@THREADS_PER_PROCESS@}
+
+log() {
+    printf '[%s] job %s, restart %s, chain job %s/%s: %s\n' "$(date -u +%FT%TZ)" "$SLURM_JOB_ID" \
+        "$RESTARTS" "$CHAIN_INDEX" "$CHAIN_JOBS" "$*"
+}
+
+cd @WORKDIR@ || exit 1
+@SETUP@
+export PYTHONPATH=@PROJECT_ROOT@${PYTHONPATH:+:$PYTHONPATH}
+
+if [ -e "$RUN_DIR/@FINISHED_MARKER@" ]; then
+    log "the run is finished ($RUN_DIR/@FINISHED_MARKER@); nothing to do"
+    exit 0
+fi
+
+# A chain: each job submits its successor first thing, so the chain goes on even if this job is
+# killed outright. The successor waits (afterany) and starts only when this one has ended.
+successor=""
+if [ "$CHAIN_JOBS" -gt 1 ]; then
+    failures=$(cat "$SLURM_DIR/chain_failures" 2>/dev/null || echo 0)
+    if [ "$failures" -ge "$MAX_FAILURES" ]; then
+        log "the chain stops: $failures job(s) failed (cluster.max_failures=$MAX_FAILURES)"
+        exit 1
+    fi
+    successor_record="$SLURM_DIR/successor_of_$SLURM_JOB_ID"
+    if [ -s "$successor_record" ]; then
+        successor=$(cat "$successor_record")  # this job was requeued; its successor exists
+    elif [ "$CHAIN_INDEX" -lt "$CHAIN_JOBS" ]; then
+        # A clean environment for sbatch: this job's SLURM_* variables must not leak into the next.
+        successor=$(env -u SLURM_RESTART_COUNT -u SLURM_JOB_ID -u SLURM_JOBID -u SLURM_JOB_NAME \
+            LLAMA_CHAIN_INDEX=$((CHAIN_INDEX + 1)) \
+            sbatch --parsable --dependency="afterany:$SLURM_JOB_ID" "$SCRIPT") \
+            || { log "could not submit the next job of the chain"; successor=""; }
+        successor=${successor%%;*}
+        if [ -n "$successor" ]; then
+            printf '%s\n' "$successor" >"$successor_record"
+            log "submitted chain job $((CHAIN_INDEX + 1)): $successor"
+        fi
+    fi
+fi
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
+log "training on $SLURM_JOB_NUM_NODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$RDZV_PORT"
+
+srun_pid=""
+stop_asked=0
+# shellcheck disable=SC2317  # called by the trap
+ask_to_stop() {
+    stop_asked=1
+    log "USR1: asking training to checkpoint and stop"
+    if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi
+}
+trap ask_to_stop USR1
+
+# The task's variables expand on each node (single quotes here).
+srun @SRUN_OPTS@ bash -c @TASK@ &
+srun_pid=$!
+rc=0
+wait "$srun_pid" || rc=$?
+while kill -0 "$srun_pid" 2>/dev/null; do  # a trapped signal interrupted `wait`
+    rc=0
+    wait "$srun_pid" || rc=$?
+done
+
+if [ -e "$RUN_DIR/@FINISHED_MARKER@" ]; then
+    log "training finished"
+    exit 0
+fi
+if [ "$rc" -ne 0 ]; then
+    log "training failed (exit code $rc)"
+    if [ "$CHAIN_JOBS" -gt 1 ]; then
+        echo $(($(cat "$SLURM_DIR/chain_failures" 2>/dev/null || echo 0) + 1)) >"$SLURM_DIR/chain_failures"
+    fi
+    exit "$rc"
+fi
+# Exit 0 without the marker: training checkpointed and stopped (signal or train.exit_interval).
+if [ -n "$successor" ]; then
+    log "training stopped after a checkpoint (stop asked: $stop_asked); chain job $successor continues"
+    exit 0
+fi
+if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
+    log "training stopped after a checkpoint (stop asked: $stop_asked); requeueing"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+log "training stopped, and this job has used its $MAX_RESTARTS restart(s); submit $SCRIPT again to go on"
+exit 1
+"""
