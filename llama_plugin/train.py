@@ -7,8 +7,8 @@
 The run directory (train.run_dir) holds everything: resolved config, checkpoints/step_*/,
 metrics.jsonl, wandb/. A run resumes from its newest complete checkpoint automatically; a fresh
 run can start from other weights (train.load, e.g. a converted HF checkpoint). SIGUSR1 or SIGTERM
-make the run checkpoint after the current step and exit 0 with `stopped` in run_state.json, so a
-scheduler can requeue it; `finished` there, and a FINISHED file, mark a completed run.
+(or a file named STOP in the run directory) make the run checkpoint after the current step and exit
+0 with `stopped` in run_state.json, so a scheduler can requeue it; `finished` there, and a FINISHED file, mark a completed run.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from recipes.schema import RecipeConfig
 
 RUN_STATE = "run_state.json"
 FINISHED_MARKER = "FINISHED"  # in the run directory once the last step is done (schedulers stop on it)
+STOP_FILE = "STOP"  # created in the run directory: checkpoint after the current step and exit
 _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -93,10 +94,13 @@ def transformer_overrides(p) -> dict:
 
 
 class StopRequest:
-    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit at the end of the current step."""
+    """A checkpoint and a clean exit at the end of the current step, asked for by SIGUSR1/SIGTERM
+    to any rank or by a STOP file in the run directory. The file is how a Slurm batch script asks
+    (slurm/render.py): a signal to a job step reaches every process in it, helper processes too."""
 
-    def __init__(self):
+    def __init__(self, stop_file: Path):
         self.requested = False
+        self.stop_file = stop_file
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
@@ -104,8 +108,9 @@ class StopRequest:
         self.requested = True
 
     def agreed(self) -> bool:
-        """Whether any rank was signalled (all ranks must stop at the same step)."""
-        flag = torch.tensor([1 if self.requested else 0], device=device())
+        """Whether any rank was asked (all ranks must stop at the same step)."""
+        asked = self.requested or (dist.get_rank() == 0 and self.stop_file.exists())
+        flag = torch.tensor([1 if asked else 0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -218,7 +223,7 @@ def run(cfg, notes: list[str]) -> dict:
         if rank == 0:
             checkpoint.prune_checkpoints(ckpt_root, t.keep_checkpoints)
 
-    stop = StopRequest()
+    stop = StopRequest(run_dir / STOP_FILE)
     # Per-source shares are logged by rank 0 only; other ranks skip the counting.
     consumed = source_counts(train_ds, 0, start_step * G, len(source_names)) if rank == 0 else None
     bar = None
@@ -287,6 +292,8 @@ def run(cfg, notes: list[str]) -> dict:
     metrics.close()
     if rank == 0:
         _write_json_atomic(run_dir / RUN_STATE, summary)
+        if stopped:
+            stop.stop_file.unlink(missing_ok=True)  # served; a resumed run must not stop at once
         if summary["finished"]:
             _write_json_atomic(run_dir / FINISHED_MARKER, {"step": step, "checkpoint": summary["checkpoint"]})
     dist.barrier()

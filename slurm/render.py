@@ -2,8 +2,9 @@
 
 One job = N nodes, one task per node; each task runs `torchrun` with c10d rendezvous on the job's
 first node, training from the composed recipe file. The batch shell traps USR1 (sent by Slurm
-`signal_lead_s` before the time limit, or by `scancel --batch --signal=USR1`), passes it to the
-training processes (which checkpoint and exit 0), and then continues the run: with a chained
+`signal_lead_s` before the time limit, or by `scancel --batch --signal=USR1`) and asks training to
+stop with a STOP file in the run directory (training checkpoints and exits 0); then it continues the
+run: with a chained
 successor job waiting (`--dependency=afterany`), by ending; otherwise by `scontrol requeue`, at
 most `max_restarts` times. A `FINISHED` marker in the run directory (written by training) ends it
 all. Every value from the config is quoted for the place it goes: bash words with shlex, `#SBATCH`
@@ -16,7 +17,7 @@ import re
 import shlex
 from pathlib import Path
 
-from llama_plugin.train import FINISHED_MARKER
+from llama_plugin.train import FINISHED_MARKER, STOP_FILE
 from recipes import RecipeError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,7 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
         "CHAIN_JOBS": str(int(c.chain_jobs)),
         "MAX_FAILURES": str(int(c.max_failures)),
         "FINISHED_MARKER": FINISHED_MARKER,
+        "STOP_FILE": STOP_FILE,
         "SETUP": "\n".join(setup) if setup else "# (no modules, venv or environment configured)",
         "SRUN_OPTS": " ".join(srun_opts),
         "TASK": shlex.quote(_task_command(c)),
@@ -196,14 +198,16 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 log "training on $SLURM_JOB_NUM_NODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$RDZV_PORT"
 
-srun_pid=""
+# USR1 to this shell -> a STOP file in the run directory, which training checks after every step.
+# (A signal sent into the job step would reach every process in it, helper processes included.)
 stop_asked=0
 # shellcheck disable=SC2317  # called by the trap
 ask_to_stop() {
     stop_asked=1
     log "USR1: asking training to checkpoint and stop"
-    if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi
+    : >"$RUN_DIR/@STOP_FILE@"
 }
+rm -f "$RUN_DIR/@STOP_FILE@"  # left from an earlier job
 trap ask_to_stop USR1
 
 # The task's variables expand on each node (single quotes here).
