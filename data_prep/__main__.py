@@ -1,4 +1,5 @@
 """python -m data_prep demo --out DIR [--vocab-size N]
+python -m data_prep clean source=<name> input=DIR output=DIR [overrides]   (data_prep/clean.py)
 
 demo: fetch the demo corpus (Botchan), train the LLaMA-style tokenizer on it, tokenize it into a
 megatron-core indexed dataset, and write summary.json (documents, tokens, unigram entropy).
@@ -40,8 +41,26 @@ def main(argv=None) -> int:
     d.add_argument("--out", required=True, type=Path)
     d.add_argument("--vocab-size", type=int, default=1024)
     d.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "llama_mcore")
+    c = sub.add_parser("clean", help="one source's raw files -> cleaned JSONL (datatrove pipeline)")
+    c.add_argument("overrides", nargs="*", help="source=<name> input=DIR output=DIR [tasks=N <source>.<field>=...]")
     args = p.parse_args(argv)
+    if args.stage == "clean":
+        return clean_stage(args.overrides)
     print(json.dumps(demo(args.out, args.vocab_size, args.cache), indent=2))
+    return 0
+
+
+def clean_stage(overrides: list[str]) -> int:
+    from data_prep.clean import load_config, run
+    from data_prep.sources import InputError
+    from recipes import RecipeError
+
+    try:
+        report = run(load_config(overrides))
+    except (RecipeError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return 0
 
 

@@ -153,3 +153,57 @@ class RecipeConfig:
 @dataclass
 class DescribeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# --- data_prep clean (data_prep/clean.py): one source's raw files -> cleaned JSONL ---
+
+
+@dataclass
+class StackExchangeCleanConfig:
+    sites: int = 28  # the largest sites of the dump, by Posts.xml size (LLaMA: 28)
+
+
+@dataclass
+class GithubCleanConfig:
+    licenses: List[str] = field(default_factory=lambda: ["apache-2.0", "bsd", "mit"])
+    # RedPajama's GitHub filters (LLaMA states only "line length or proportion of alphanumeric").
+    max_line_length: int = 1000
+    max_mean_line_length: float = 100.0
+    min_alphanumeric_share: float = 0.25
+    max_file_bytes: int = 1_000_000
+    extensions: List[str] = field(default_factory=lambda: [
+        ".py", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".cu", ".java", ".js", ".ts", ".go", ".rs", ".rb",
+        ".php", ".cs", ".scala", ".swift", ".kt", ".m", ".sh", ".lua", ".pl", ".r", ".jl", ".hs", ".ml", ".sql",
+        ".tex", ".md", ".f90", ".dart", ".el", ".clj", ".erl", ".ex", ".vim", ".ps1", ".bat", ".cmake", ".proto",
+        ".pyx"])
+
+
+@dataclass
+class WikipediaCleanConfig:
+    languages: List[str] = field(default_factory=lambda: [
+        "bg", "ca", "cs", "da", "de", "en", "es", "fr", "hr", "hu", "it", "nl", "pl", "pt", "ro", "ru", "sl", "sr",
+        "sv", "uk"])
+
+
+@dataclass
+class BooksCleanConfig:
+    max_overlap: float = 0.9  # LLaMA: books with more than 90% content overlap are removed
+    shingle_words: int = 5
+    num_perm: int = 128  # MinHash permutations (candidates only; overlaps are then computed exactly)
+
+
+@dataclass
+class CleanConfig:
+    source: str = MISSING  # stackexchange | github | wikipedia | books | arxiv
+    input: str = MISSING  # the source's raw files (see data_prep/README.md for each layout)
+    output: str = MISSING  # cleaned JSONL shards: <output>/<task>.jsonl
+    tasks: int = 1  # datatrove tasks (input shards); dedup steps need 1
+    workers: int = 1  # tasks run at once (local executor)
+    executor: str = "local"  # local | slurm
+    logging_dir: Optional[str] = None  # datatrove's logs, completions, stats; None: <output>/.logs
+    slurm_partition: Optional[str] = None  # executor=slurm
+    slurm_time: str = "24:00:00"
+    stackexchange: StackExchangeCleanConfig = field(default_factory=StackExchangeCleanConfig)
+    github: GithubCleanConfig = field(default_factory=GithubCleanConfig)
+    wikipedia: WikipediaCleanConfig = field(default_factory=WikipediaCleanConfig)
+    books: BooksCleanConfig = field(default_factory=BooksCleanConfig)
