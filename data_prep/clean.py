@@ -23,7 +23,7 @@ from data_prep.sources import InputError
 from recipes import RecipeError, compose
 from recipes.schema import CleanConfig
 
-SOURCES = ("stackexchange", "github", "wikipedia", "books", "arxiv")
+SOURCES = ("stackexchange", "github", "wikipedia", "books", "arxiv", "c4", "commoncrawl")
 
 
 class AtomicJsonlWriter(JsonlWriter):
@@ -78,12 +78,50 @@ def build_pipeline(cfg) -> list:
         from data_prep.sources.arxiv import ArxivReader, CleanLatex
 
         steps = [ArxivReader(cfg.input), CleanLatex()]
+    elif s == "c4":
+        from data_prep.sources.c4 import C4QualityFilter
+        from data_prep.sources.common import ExactDedup, JsonlDocumentsReader, LanguageFilter
+
+        c = cfg.c4
+        steps = [JsonlDocumentsReader(cfg.input, "c4"), ExactDedup(),
+                 LanguageFilter(cfg.language_id_model, list(c.languages), c.min_language_score),
+                 C4QualityFilter(c.min_words_per_line, c.min_sentences, c.bad_words_file)]
+    elif s == "commoncrawl":
+        from data_prep.sources.commoncrawl import LineDedup, ReferenceClassifierFilter, WebPageReader
+        from data_prep.sources.common import LanguageFilter
+
+        c = cfg.commoncrawl
+        steps = [WebPageReader(cfg.input), LineDedup(),
+                 LanguageFilter(cfg.language_id_model, list(c.languages), c.min_language_score)]
+        model = reference_classifier(cfg)
+        if model is not None:
+            steps.append(ReferenceClassifierFilter(str(model), c.min_reference_score))
     else:
         raise RecipeError(f"source: {s!r} is not one of {', '.join(SOURCES)}")
     single = [type(step).__name__ for step in steps if getattr(step, "single_task", False)]
     if single and cfg.tasks != 1:
         raise RecipeError(f"tasks: {cfg.tasks}, but {', '.join(single)} must see the whole corpus (tasks=1)")
     return [*steps, AtomicJsonlWriter(cfg.output)]
+
+
+def reference_classifier(cfg) -> Path | None:
+    """The commoncrawl reference classifier: given, trained from the given samples (once, into
+    <output>/reference_classifier.bin), or None when neither is configured."""
+    c = cfg.commoncrawl
+    if c.reference_classifier:
+        return Path(c.reference_classifier)
+    if not (c.reference_positives and c.reference_negatives):
+        return None
+    out = Path(cfg.output) / "reference_classifier.bin"
+    if not out.is_file():
+        from data_prep.sources.commoncrawl import train_reference_classifier
+
+        def texts(path):
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line)["text"] for line in f if line.strip()]
+
+        train_reference_classifier(texts(c.reference_positives), texts(c.reference_negatives), out)
+    return out
 
 
 def load_config(overrides: list[str]):
@@ -102,6 +140,12 @@ def load_config(overrides: list[str]):
             check_languages(cfg.wikipedia.languages)
         except InputError as e:
             raise RecipeError(str(e)) from None
+    if cfg.source in ("c4", "commoncrawl"):
+        if not cfg.language_id_model:
+            raise RecipeError(f"language_id_model: source={cfg.source} needs a fastText language-id model "
+                              "(lid.176.bin, or data_prep.samples.language_id_model())")
+        if not Path(cfg.language_id_model).is_file():
+            raise RecipeError(f"language_id_model: {cfg.language_id_model} does not exist")
     if not Path(cfg.input).exists():
         raise RecipeError(f"input: {cfg.input} does not exist")
     return cfg

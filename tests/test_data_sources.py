@@ -337,3 +337,131 @@ def test_killed_run_resumes_without_lost_or_duplicated_documents(wiki_dir, tmp_p
     assert not list(out.glob("*.partial"))
     resumed = [json.loads(line) for p in sorted(out.glob("*.jsonl")) for line in p.read_text().splitlines()]
     assert resumed == reference
+
+
+# ---------------------------------------------------------------------------------------- C4
+
+GOOD_PAGE = """Home | About | Contact
+The river rose quickly after three days of heavy rain in the valley.
+Farmers moved their animals to higher ground before the water arrived.[1]
+Please enable JavaScript to view the comments powered by our partner.
+This site uses cookies to improve your experience.
+Short line.
+By evening the old bridge was closed to all traffic.
+Engineers said it would reopen once the current slowed down.
+Volunteers handed out sandbags at the school until midnight!
+Was anyone hurt? Officials said nobody had been injured so far."""
+
+
+def test_c4_line_and_page_rules(tmp_path):
+    from data_prep.sources.c4 import c4_clean
+
+    page, reason = c4_clean(GOOD_PAGE, 3, 5, frozenset())
+    assert reason is None
+    assert page == (
+        "The river rose quickly after three days of heavy rain in the valley.\n"
+        "Farmers moved their animals to higher ground before the water arrived.\n"
+        "By evening the old bridge was closed to all traffic.\n"
+        "Engineers said it would reopen once the current slowed down.\n"
+        "Volunteers handed out sandbags at the school until midnight!\n"
+        "Was anyone hurt? Officials said nobody had been injured so far.")
+    assert c4_clean(GOOD_PAGE + "\nLorem ipsum dolor sit amet, consectetur.", 3, 5, frozenset())[1] == "lorem_ipsum"
+    assert c4_clean(GOOD_PAGE + "\nfunction f() { return 1; }", 3, 5, frozenset())[1] == "curly_bracket"
+    assert c4_clean(GOOD_PAGE, 3, 5, frozenset({"sandbags"}))[1] == "bad_words"
+    assert c4_clean(GOOD_PAGE, 3, 8, frozenset())[1] == "too_few_sentences"  # 7 sentences survive
+
+    lid = samples.language_id_model()
+    pages = tmp_path / "c4"
+    pages.mkdir()
+    bulgarian = ("Реката се покачи бързо след три дни силен дъжд в долината.\n" * 6).strip()
+    records = [{"text": GOOD_PAGE, "url": "a"}, {"text": GOOD_PAGE, "url": "copy"}, {"text": bulgarian},
+               {"text": "Only two sentences here. That is all."}]
+    (pages / "part0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report, docs = clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={lid}")
+    assert [d["text"] for d in docs] == [c4_clean(GOOD_PAGE, 3, 5, frozenset())[0]]
+    assert docs[0]["language"] == "en" and docs[0]["url"] == "a"
+    assert step_stats(report, "exact dedup")["dropped_duplicate"] == 1
+    assert step_stats(report, "language id")["dropped_language"] == 1
+    assert step_stats(report, "c4 heuristics")["dropped_too_few_sentences"] == 1
+    with pytest.raises(RecipeError, match="language_id_model: source=c4 needs"):
+        load_config(["source=c4", f"input={pages}", f"output={tmp_path / 'x'}"])
+    (pages / "part1.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(InputError, match=re.escape(f"{pages / 'part1.jsonl'}:2: not a JSON object with a 'text' field")):
+        clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={lid}", name="bad")
+
+
+# ------------------------------------------------------------------------------- CommonCrawl
+
+
+def _wet(records: list[tuple[str, str]]) -> bytes:
+    out = b"WARC/1.0\r\nWARC-Type: warcinfo\r\nContent-Length: 9\r\n\r\nsoftware:\r\n\r\n"
+    for url, text in records:
+        body = text.encode()
+        out += (f"WARC/1.0\r\nWARC-Type: conversion\r\nWARC-Target-URI: {url}\r\n"
+                f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body + b"\r\n\r\n"
+    return out
+
+
+def test_commoncrawl_line_dedup_language_and_reference_classifier(tmp_path):
+    from data_prep.sources.commoncrawl import ReferenceClassifierFilter, html_to_text, normalize_line
+
+    assert normalize_line("  Copyright © 2021, Example Inc.! ") == normalize_line("copyright 2020 example inc")
+    assert normalize_line("Café") == "cafe"
+    web = samples.web_pages()
+    mozilla = html_to_text((web / "mozilla.org.firefox.developer.html").read_text())
+    assert mozilla.startswith("Welcome to Firefox Developer Edition")
+    assert "<" not in mozilla and "function(" not in mozilla  # no markup, no scripts
+    assert ("Develop, deploy and debug Firefox OS apps directly in your browser, or on a Firefox OS device, "
+            "with this tool that replaces App Manager.") in mozilla
+
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    boiler = "Home | News | Contact us\nCopyright 2020 Example Media Inc."
+    story1 = ("The city council approved the new library budget on Tuesday after a long debate about "
+              "opening hours, staffing and the cost of repairing the roof of the old building.")
+    story2 = ("Scientists at the university published a study showing that the lake's water quality "
+              "improved steadily over the last decade, thanks to new rules on farm runoff.")
+    german = ("Der Stadtrat hat am Dienstag nach langer Debatte den neuen Haushalt für die Bibliothek "
+              "beschlossen, einschließlich der Reparatur des alten Daches.")
+    (crawl / "CC-MAIN-0001.warc.wet").write_bytes(_wet([
+        ("http://a.example/1", f"{boiler}\n{story1}"),
+        ("http://a.example/2", f"Home | News | Contact Us!\n{story2}\nCopyright 2021 Example Media Inc."),
+        ("http://b.example/de", german),
+        ("http://a.example/dup", f"{boiler}\n{story1.upper()}")]))
+    for name in ("mozilla.org.firefox.developer.html", "utf8.html"):
+        (crawl / name).write_bytes((web / name).read_bytes())
+    lid = samples.language_id_model()
+    report, docs = clean(tmp_path, "source=commoncrawl", f"input={crawl}", f"language_id_model={lid}")
+    texts = {d["url"]: d["text"] for d in docs}
+    assert texts["http://a.example/1"] == f"{boiler}\n{story1}"
+    assert texts["http://a.example/2"] == story2  # its boilerplate lines were seen in page 1
+    assert "http://a.example/dup" not in texts  # every line a duplicate (case/punctuation aside)
+    assert "http://b.example/de" not in texts
+    assert step_stats(report, "line dedup")["dropped_empty_after_dedup"] == 1
+    assert step_stats(report, "language id")["dropped_language"] >= 1
+    assert "mozilla.org.firefox.developer.html" in texts
+
+    # The reference classifier, trained from user samples: Wikipedia articles vs junk pages.
+    dumps = samples.wikipedia_dumps()
+    articles = truncated_dump(next(dumps.glob("enwiki-latest-pages-articles1*")), tmp_path / "enwiki-x.xml.bz2", 80)
+    (tmp_path / "wiki_in").mkdir()
+    articles.rename(tmp_path / "wiki_in" / articles.name)
+    _, wiki = clean(tmp_path, "source=wikipedia", f"input={tmp_path / 'wiki_in'}", name="wiki_out")
+    paragraphs = [p for d in wiki for p in d["text"].split("\n\n") if len(p) > 200]
+    junk = [line for name in ("scam.html", "apache.html", "httpbin_sample.html", "http_sample.html")
+            for line in html_to_text((web / name).read_text(errors="replace")).split("\n") if len(line) > 20]
+    junk_pages = [" ".join(junk[i:i + 5]) for i in range(0, len(junk), 5)]
+    held_wiki, held_junk = paragraphs[-10:], junk_pages[-5:]
+    for name, rows in (("pos.jsonl", paragraphs[:-10]), ("neg.jsonl", junk_pages[:-5])):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    report, docs = clean(tmp_path, "source=commoncrawl", f"input={crawl}", f"language_id_model={lid}",
+                         f"commoncrawl.reference_positives={tmp_path / 'pos.jsonl'}",
+                         f"commoncrawl.reference_negatives={tmp_path / 'neg.jsonl'}",
+                         "commoncrawl.min_reference_score=0.5", name="with_classifier")
+    scorer = ReferenceClassifierFilter(str(tmp_path / "with_classifier" / "reference_classifier.bin"), 0.5)
+    wiki_scores = [scorer.score(t) for t in held_wiki]
+    junk_scores = [scorer.score(t) for t in held_junk]
+    # Held-out pages (a small training set, so a majority, not all, of the junk).
+    assert all(s >= 0.5 for s in wiki_scores) and sum(s < 0.5 for s in junk_scores) >= 3, (wiki_scores, junk_scores)
+    stats = step_stats(report, "wikipedia reference classifier")
+    assert stats["total"] == len(texts) and all(d["reference_score"] >= 0.5 for d in docs)

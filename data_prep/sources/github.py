@@ -9,7 +9,6 @@ AGPL) next to a permissive one, is skipped.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from data_prep.sources import InputError
+from data_prep.sources.common import ExactDedup  # noqa: F401  (part of this source's pipeline)
 
 _LICENSE_FILE = re.compile(r"^(LICEN[CS]E|COPYING)([.-].*)?$", re.I)
 
@@ -136,23 +136,4 @@ class CodeQualityFilter(BaseFilter):
             return False, "mean_line_length"
         if alnum < self.min_alphanumeric_share:
             return False, "alphanumeric_share"
-        return True
-
-
-class ExactDedup(BaseFilter):
-    """Drops a document whose text equals an earlier one's (sha256). Sees one task's documents:
-    run with tasks=1 for a corpus-wide dedup."""
-
-    name = "exact dedup"
-    single_task = True
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[bytes] = set()
-
-    def filter(self, doc: Document):
-        digest = hashlib.sha256(doc.text.encode()).digest()
-        if digest in self.seen:
-            return False, "duplicate"
-        self.seen.add(digest)
         return True
