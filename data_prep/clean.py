@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from datatrove.pipeline.writers.jsonl import JsonlWriter
@@ -23,6 +28,7 @@ from data_prep.sources import InputError
 from recipes import RecipeError, compose
 from recipes.schema import CleanConfig
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("stackexchange", "github", "wikipedia", "books", "arxiv", "c4", "commoncrawl")
 
 
@@ -159,20 +165,52 @@ def run(cfg) -> dict:
     if cfg.executor == "slurm":
         from datatrove.executor.slurm import SlurmPipelineExecutor
 
-        executor = SlurmPipelineExecutor(pipeline=pipeline, tasks=cfg.tasks, time=cfg.slurm_time,
-                                         partition=cfg.slurm_partition, logging_dir=logging_dir,
-                                         job_name=f"clean_{cfg.source}")
-        executor.run()  # submits; the report comes from the logging dir once the job is done
-        return {"submitted": True, "logging_dir": logging_dir}
-    from datatrove.executor.local import LocalPipelineExecutor
+        # The jobs unpickle our steps: they need this venv and the project on their path.
+        venv = cfg.slurm_venv or (sys.prefix if sys.prefix != sys.base_prefix else None)
+        env = [f"source {shlex.quote(str(Path(venv) / 'bin' / 'activate'))}"] if venv else []
+        env.append(f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}")
+        executor = SlurmPipelineExecutor(
+            pipeline=pipeline, tasks=cfg.tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
+            cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
+            env_command="\n".join(env), logging_dir=logging_dir, job_name=f"clean_{cfg.source}",
+            sbatch_args={"chdir": str(Path.cwd())}, mail_type="NONE")
+        executor.run()
+        if not cfg.slurm_wait:
+            return {"submitted": executor.job_id, "logging_dir": logging_dir}
+        wait_for_tasks(Path(logging_dir), cfg.tasks, executor.job_id)
+    else:
+        from datatrove.executor.local import LocalPipelineExecutor
 
-    LocalPipelineExecutor(pipeline=pipeline, tasks=cfg.tasks, workers=cfg.workers, logging_dir=logging_dir,
-                          start_method="fork").run()
+        LocalPipelineExecutor(pipeline=pipeline, tasks=cfg.tasks, workers=cfg.workers, logging_dir=logging_dir,
+                              start_method="fork").run()
     report = report_from_logs(Path(logging_dir), cfg)
     tmp = output / "clean_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, output / "clean_report.json")
     return report
+
+
+def wait_for_tasks(logging_dir: Path, tasks: int, job_id: str, timeout_s: float = 24 * 3600) -> None:
+    """Until every task has its completion marker; fails when the Slurm job ended without them."""
+    deadline = time.time() + timeout_s
+    while True:
+        done = len(list((logging_dir / "completions").glob("*"))) if (logging_dir / "completions").is_dir() else 0
+        if done >= tasks:
+            # datatrove merges the tasks' stats into stats.json in a job of its own, after the tasks.
+            while not (logging_dir / "stats.json").is_file():
+                if time.time() > deadline:
+                    raise TimeoutError(f"no {logging_dir / 'stats.json'} after {timeout_s} s")
+                time.sleep(0.5)
+            return
+        state = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True).stdout
+        if state and not re.search(r"JobState=(PENDING|RUNNING|CONFIGURING|COMPLETING|REQUEUED)", state) and done < tasks:
+            ended = re.findall(r"JobState=(\w+)", state)
+            if ended and all(s in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") for s in ended):
+                raise RuntimeError(f"Slurm job {job_id} ended ({', '.join(sorted(set(ended)))}) with {done}/{tasks} "
+                                   f"tasks done; logs in {logging_dir}")
+        if time.time() > deadline:
+            raise TimeoutError(f"{done}/{tasks} tasks done after {timeout_s} s; logs in {logging_dir}")
+        time.sleep(1)
 
 
 def report_from_logs(logging_dir: Path, cfg) -> dict:

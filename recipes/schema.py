@@ -223,8 +223,12 @@ class CleanConfig:
     workers: int = 1  # tasks run at once (local executor)
     executor: str = "local"  # local | slurm
     logging_dir: Optional[str] = None  # datatrove's logs, completions, stats; None: <output>/.logs
-    slurm_partition: Optional[str] = None  # executor=slurm
+    slurm_partition: Optional[str] = None  # executor=slurm: one array job, a task per array element
     slurm_time: str = "24:00:00"
+    slurm_cpus_per_task: int = 1
+    slurm_mem_per_cpu_gb: int = 2
+    slurm_venv: Optional[str] = None  # activated in the jobs; None: the venv this command runs in
+    slurm_wait: bool = False  # wait for the job and write the report (else: submit and return)
     stackexchange: StackExchangeCleanConfig = field(default_factory=StackExchangeCleanConfig)
     github: GithubCleanConfig = field(default_factory=GithubCleanConfig)
     wikipedia: WikipediaCleanConfig = field(default_factory=WikipediaCleanConfig)

@@ -465,3 +465,26 @@ def test_commoncrawl_line_dedup_language_and_reference_classifier(tmp_path):
     assert all(s >= 0.5 for s in wiki_scores) and sum(s < 0.5 for s in junk_scores) >= 3, (wiki_scores, junk_scores)
     stats = step_stats(report, "wikipedia reference classifier")
     assert stats["total"] == len(texts) and all(d["reference_score"] >= 0.5 for d in docs)
+
+
+# ------------------------------------------------------------------- datatrove's Slurm executor
+
+
+def test_clean_on_slurm_with_datatrove_slurm_executor(stackexchange_dump, tmp_path):
+    """executor=slurm: datatrove submits an array job (one task per element) to the real local
+    Slurm; the shards equal a local run's."""
+    from tests.test_slurm import LocalSlurm
+
+    cluster = LocalSlurm()
+    cluster.ensure(nodes=2, cpus=2)
+    try:
+        args = ["source=stackexchange", f"input={stackexchange_dump}", "tasks=3"]
+        report, docs = clean(tmp_path, *args, "executor=slurm", "slurm_wait=true", "slurm_partition=local",
+                             name="on_slurm")
+        _, local_docs = clean(tmp_path, *args, name="local")
+    finally:
+        cluster.stop()
+    assert sorted(p.name for p in (tmp_path / "on_slurm").glob("*.jsonl")) == ["00000.jsonl", "00001.jsonl", "00002.jsonl"]
+    assert docs == local_docs and len(docs) == (2 + 40) + (2 + 10) + 2  # questions of the 3 sites
+    assert report["documents_out"] == len(local_docs)
+    assert (tmp_path / "on_slurm" / ".logs" / "slurm_logs").is_dir()
