@@ -159,6 +159,19 @@ log() {
         "$RESTARTS" "$CHAIN_INDEX" "$CHAIN_JOBS" "$*"
 }
 
+# USR1 to this shell -> a STOP file in the run directory, which training checks after every step.
+# (A signal sent into the job step would reach every process in it, helper processes included.)
+# Trapped first thing: Slurm may send it early, and untrapped it would kill this shell.
+stop_asked=0
+# shellcheck disable=SC2317  # called by the trap
+ask_to_stop() {
+    stop_asked=1
+    log "USR1: asking training to checkpoint and stop"
+    : >"$RUN_DIR/@STOP_FILE@"
+}
+rm -f "$RUN_DIR/@STOP_FILE@"  # left from an earlier job
+trap ask_to_stop USR1
+
 cd @WORKDIR@ || exit 1
 @SETUP@
 export PYTHONPATH=@PROJECT_ROOT@${PYTHONPATH:+:$PYTHONPATH}
@@ -198,17 +211,6 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 log "training on $SLURM_JOB_NUM_NODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$RDZV_PORT"
 
-# USR1 to this shell -> a STOP file in the run directory, which training checks after every step.
-# (A signal sent into the job step would reach every process in it, helper processes included.)
-stop_asked=0
-# shellcheck disable=SC2317  # called by the trap
-ask_to_stop() {
-    stop_asked=1
-    log "USR1: asking training to checkpoint and stop"
-    : >"$RUN_DIR/@STOP_FILE@"
-}
-rm -f "$RUN_DIR/@STOP_FILE@"  # left from an earlier job
-trap ask_to_stop USR1
 
 # The task's variables expand on each node (single quotes here).
 srun @SRUN_OPTS@ bash -c @TASK@ &

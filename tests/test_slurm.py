@@ -154,6 +154,12 @@ def test_rendered_scripts_pass_shellcheck_and_quote_every_value(demo_data, tmp_p
         scripts.append(script)
         r = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout
+    # Every paper run fits its 256 x 8 allocation with the recipe's layout.
+    for recipe, (tp, pp) in {"llama_7b_pretrain": (1, 1), "llama_13b_pretrain": (2, 1),
+                             "llama_33b_pretrain": (4, 2), "llama_65b_pretrain": (8, 4)}.items():
+        script, _, layout = prepare(recipe, [f"train.run_dir={tmp_path / recipe}"], cwd=tmp_path)
+        assert (layout["world_size"], layout["tensor"], layout["pipeline"], layout["data"]) == (2048, tp, pp, 2048 // (tp * pp))
+        assert subprocess.run(["shellcheck", str(script)]).returncode == 0
     text = scripts[2].read_text()
     assert "source '/opt/venv $HOME/bin/activate'" in text
     assert "export NCCL_SOCKET_IFNAME='eth0 `id`'" in text
