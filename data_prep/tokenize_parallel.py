@@ -125,6 +125,17 @@ def _text(shard: Shard, where: int, line: bytes) -> str:
     raise InputError(f"{shard.path}:{_line_number(shard, where)}: not a UTF-8 JSON object with a string 'text' field")
 
 
+def iter_texts(path: Path):
+    """The "text" of every document of one JSONL file (plain, .gz or .zst), in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such input file")
+    shard = Shard(0, str(path), 0, -1) if str(path).endswith(COMPRESSED) else Shard(0, str(path), 0, path.stat().st_size)
+    lines = _compressed_lines(shard) if shard.compressed else _range_lines(shard)
+    for where, line in lines:
+        yield _text(shard, where, line)
+
+
 _SP: dict[str, spm.SentencePieceProcessor] = {}
 
 
