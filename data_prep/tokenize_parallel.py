@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import itertools
 import json
 import multiprocessing
@@ -72,14 +71,30 @@ def plan_shards(files: list[Path], shard_bytes: int) -> list[Shard]:
     return shards
 
 
-def _open_compressed(path: str):
-    raw = open(path, "rb")
-    if path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+def _zstd_chunks(path: str, chunk_bytes: int = 1 << 20):
+    """Decompressed bytes of a .zst file (any number of frames); a frame cut short is an error
+    (zstandard's stream reader would end quietly)."""
     import zstandard
 
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                                          closefd=True))
+    dctx = zstandard.ZstdDecompressor()
+    obj, in_frame = dctx.decompressobj(), False
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            while chunk:
+                in_frame = True
+                if out := obj.decompress(chunk):
+                    yield out
+                if not obj.eof:
+                    break
+                chunk, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+    if in_frame:
+        raise EOFError("the last zstd frame is cut short")
+
+
+def _gzip_chunks(path: str, chunk_bytes: int = 1 << 20):
+    with gzip.open(path, "rb") as f:  # raises EOFError on a truncated member
+        while chunk := f.read(chunk_bytes):
+            yield chunk
 
 
 def _range_lines(shard: Shard):
@@ -101,11 +116,19 @@ def _compressed_lines(shard: Shard):
     """(line number, line) of a whole .gz / .zst file; an unreadable archive names the file."""
     import zstandard
 
+    chunks = _gzip_chunks(shard.path) if shard.path.endswith(".gz") else _zstd_chunks(shard.path)
+    line_no, rest = 0, b""
     try:
-        with _open_compressed(shard.path) as f:
-            yield from enumerate(f, 1)
+        for chunk in chunks:
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                line_no += 1
+                yield line_no, line + b"\n"
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         raise InputError(f"{shard.path}: not a readable {Path(shard.path).suffix[1:]} archive ({e})") from None
+    if rest:
+        yield line_no + 1, rest
 
 
 def _line_number(shard: Shard, where: int) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data_prep.tokenize_parallel import iter_texts
+from data_prep.tokenize_parallel import InputError, iter_texts
 
 
 def train_tokenizer(jsonl_files: list[Path], out_prefix: Path, vocab_size: int = 32000,
@@ -21,9 +21,14 @@ def train_tokenizer(jsonl_files: list[Path], out_prefix: Path, vocab_size: int =
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = out_prefix.with_name(out_prefix.name + ".tmp")  # renamed when complete
 
+    bad_input = []  # an InputError inside the iterator reaches us wrapped by sentencepiece: keep it
+
     def sentences():
-        for path in jsonl_files:
-            yield from iter_texts(path)
+        try:
+            for path in jsonl_files:
+                yield from iter_texts(path)
+        except InputError as e:
+            bad_input.append(e)
 
     try:
         spm.SentencePieceTrainer.train(
@@ -45,8 +50,14 @@ def train_tokenizer(jsonl_files: list[Path], out_prefix: Path, vocab_size: int =
             minloglevel=2,
         )
     except RuntimeError as e:  # e.g. "Vocabulary size too high (32000). Please set it to a value <= 1234."
+        if bad_input:
+            raise bad_input[0] from None
         files = ", ".join(str(p) for p in jsonl_files)
         raise ValueError(f"training the tokenizer on {files} failed: {e}") from None
+    if bad_input:
+        for suffix in (".vocab", ".model"):
+            Path(str(tmp_prefix) + suffix).unlink(missing_ok=True)
+        raise bad_input[0]
     for suffix in (".vocab", ".model"):
         os.replace(str(tmp_prefix) + suffix, str(out_prefix) + suffix)
     return Path(str(out_prefix) + ".model")
