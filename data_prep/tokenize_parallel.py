@@ -9,11 +9,12 @@ tokenized into <prefix>.shards/NNNNNN.bin and NNNNNN.len (its document lengths),
 reuses the complete shards when plan.json (inputs, sizes, mtimes, tokenizer, shard size) still
 matches. The shards are concatenated in order into <prefix>.bin and <prefix>.idx (megatron-core's
 index format), both written as .tmp and renamed, .idx last (an old .idx is removed first), so a
-.bin/.idx pair that exists is complete.
+.bin/.idx pair that exists is complete. <prefix>.lock keeps a second run off the same prefix.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import itertools
@@ -178,13 +179,14 @@ def tokenize_shard(shard: Shard, model_file: str, shard_dir: Path) -> int:
     eos = (sp.eos_id(),)
     dtype = token_dtype(sp.vocab_size())
     bin_path, len_path = _shard_files(shard_dir, shard.index)
-    bin_tmp, len_tmp = bin_path.with_suffix(".bin.tmp"), len_path.with_suffix(".len.tmp")
+    # Per-process names: a worker of a killed run that is still dying never shares a file with us.
+    bin_tmp, len_tmp = (Path(f"{p}.tmp{os.getpid()}") for p in (bin_path, len_path))
     lengths: list[int] = []
     lines = _compressed_lines(shard) if shard.compressed else _range_lines(shard)
     try:
         with open(bin_tmp, "wb") as out:
             while batch := list(itertools.islice(lines, BATCH_DOCS)):
-                encoded = sp.encode([_text(shard, where, line) for where, line in batch])
+                encoded = sp.encode([_text(shard, where, line) for where, line in batch], num_threads=1)  # one core per worker
                 sizes = [len(ids) + 1 for ids in encoded]
                 flat = itertools.chain.from_iterable(itertools.chain.from_iterable(zip(encoded, itertools.repeat(eos))))
                 out.write(np.fromiter(flat, dtype=dtype, count=sum(sizes)).tobytes())
@@ -267,6 +269,18 @@ def tokenize_parallel(inputs: list[Path], tokenizer_model: Path, out_prefix: Pat
     dtype = token_dtype(_processor(str(tokenizer_model)).vocab_size())
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(out_prefix) + ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out_prefix}: another tokenize run is writing this prefix") from None
+        try:
+            return _tokenize_locked(files, tokenizer_model, out_prefix, workers, shard_bytes, dtype, log)
+        finally:
+            os.unlink(lock.name)
+
+
+def _tokenize_locked(files, tokenizer_model, out_prefix, workers, shard_bytes, dtype, log) -> dict:
     shard_dir = Path(str(out_prefix) + ".shards")
     plan = _plan_record(files, tokenizer_model, shard_bytes)
     plan_file = shard_dir / "plan.json"

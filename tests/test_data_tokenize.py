@@ -133,6 +133,21 @@ def test_identical_bytes_for_any_worker_count_and_the_baseline(corpus, tmp_path)
     assert files_equal(tmp_path / "parts", baseline)
 
 
+def wait_for_lock_release(lock_path, timeout=30):
+    import fcntl
+
+    deadline = time.time() + timeout
+    with open(lock_path) as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.time() < deadline, "the killed run's workers still hold the lock"
+                time.sleep(0.01)
+
+
 def test_killed_run_resumes_to_identical_output(corpus, tmp_path):
     jsonl, model, _ = corpus
     big = tmp_path / "big.jsonl"
@@ -148,12 +163,13 @@ def test_killed_run_resumes_to_identical_output(corpus, tmp_path):
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, mid-way
     proc.wait()
+    wait_for_lock_release(Path(str(out) + ".lock"))  # workers hold it until they are gone
     done = len(list(shard_dir.glob("*.len")))
     assert 4 <= done < shards, "the run was not killed mid-way"
     assert not Path(str(out) + ".bin").exists() and not Path(str(out) + ".idx").exists()
 
     stats = tokenize_parallel([big], model, out, workers=2, shard_bytes=32 << 10, log=lambda m: None)
-    assert stats["shards"] == shards == 97 and stats["reused_shards"] >= done - 2  # workers may finish one more each
+    assert stats["shards"] == shards == 97 and stats["reused_shards"] >= done  # a dying worker may still finish one rename
     tokenize_parallel([big], model, tmp_path / "uninterrupted", workers=1, shard_bytes=1 << 30)
     assert files_equal(out, tmp_path / "uninterrupted")
     assert not shard_dir.exists()
@@ -199,7 +215,19 @@ def test_bad_input_names_file_and_line_and_leaves_no_output(corpus, tmp_path, na
             tokenize_parallel([corpus[0], tmp_path / name], corpus[1], tmp_path / "out", workers=workers,
                               shard_bytes=4096)
         assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
-        assert not list((tmp_path / "out.shards").glob("*.tmp"))  # complete shards may stay for a rerun
+        assert not list((tmp_path / "out.shards").glob("*.tmp*"))  # complete shards may stay for a rerun
+        assert not (tmp_path / "out.lock").exists()
+
+
+def test_one_run_per_prefix_at_a_time(corpus, tmp_path):
+    import fcntl
+
+    with open(tmp_path / "out.lock", "w") as held:  # as a running tokenize holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="another tokenize run is writing this prefix"):
+            tokenize_parallel([corpus[0]], corpus[1], tmp_path / "out")
+    tokenize_parallel([corpus[0]], corpus[1], tmp_path / "out")
+    assert files_equal(tmp_path / "out", corpus[2]) and not (tmp_path / "out.lock").exists()
 
 
 def test_missing_input_and_cli_error(corpus, tmp_path, capsys):
