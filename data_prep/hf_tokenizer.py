@@ -61,8 +61,9 @@ def build_hf_tokenizer(sp: spm.SentencePieceProcessor) -> Tokenizer:
 
 
 def export_hf_tokenizer(tokenizer_model: Path, out_dir: Path, model_max_length: int = 2048) -> Path:
-    """Write the four files into `out_dir` (created; other files there are left alone). Each file
-    is written beside its final name and renamed, so a reader never sees a half-written one."""
+    """Write the four files into `out_dir`. A new folder appears complete (built beside it and
+    renamed); into an existing one (e.g. an HF model folder) the files are renamed in one by one,
+    tokenizer_config.json last; other files there are left alone."""
     tokenizer_model = Path(tokenizer_model)
     if not tokenizer_model.is_file():
         raise FileNotFoundError(f"{tokenizer_model}: no such SentencePiece model")
@@ -83,13 +84,18 @@ def export_hf_tokenizer(tokenizer_model: Path, out_dir: Path, model_max_length: 
     }
     special_map = {"bos_token": bos, "eos_token": eos, "unk_token": unk}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.export-") as tmp:
         tmp = Path(tmp)
         shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
         build_hf_tokenizer(sp).save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-        for name in FILES:
-            os.replace(tmp / name, out_dir / name)
+        if not out_dir.exists():
+            os.rename(tmp, out_dir)  # the folder appears complete
+            tmp.mkdir()  # for TemporaryDirectory's cleanup
+        else:  # e.g. an HF model folder: file by file, the config (which makes it a tokenizer) last
+            (out_dir / "tokenizer_config.json").unlink(missing_ok=True)
+            for name in FILES:
+                os.replace(tmp / name, out_dir / name)
     return out_dir

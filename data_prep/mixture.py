@@ -17,6 +17,7 @@ import numpy as np
 
 from data_prep.tokenize_parallel import INDEX_HEADER
 
+ITEMSIZE_BY_CODE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core's DType codes
 EPOCHS_TOLERANCE = 1e-6  # relative: equal within float rounding is not "more"
 
 
@@ -60,7 +61,12 @@ def dataset_size(prefix: str | Path) -> tuple[int, int]:
         raise MixtureError(f"{idx}: no such file (tokenize the source first: python -m data_prep tokenize)") from None
     if len(lengths) != sequences:
         raise MixtureError(f"{idx}: truncated ({len(lengths)} of {sequences} sequence lengths)")
-    return int(sequences), int(lengths.sum(dtype=np.int64))
+    tokens = int(lengths.sum(dtype=np.int64))
+    itemsize = ITEMSIZE_BY_CODE.get(head[len(INDEX_HEADER) + 8])
+    bin_path = Path(str(prefix) + ".bin")
+    if itemsize is None or not bin_path.is_file() or bin_path.stat().st_size != tokens * itemsize:
+        raise MixtureError(f"{bin_path}: missing or not the size its .idx implies ({tokens:,} tokens)")
+    return int(sequences), tokens
 
 
 @dataclass

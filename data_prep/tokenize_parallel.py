@@ -160,13 +160,16 @@ def iter_texts(path: Path):
         yield _text(shard, where, line)
 
 
-_SP: dict[str, spm.SentencePieceProcessor] = {}
+_SP: dict[tuple, spm.SentencePieceProcessor] = {}
 
 
 def _processor(model_file: str) -> spm.SentencePieceProcessor:
-    if model_file not in _SP:
-        _SP[model_file] = spm.SentencePieceProcessor(model_file=model_file)
-    return _SP[model_file]
+    """One loaded model per process (forked workers inherit it); a rewritten file is reloaded."""
+    st = os.stat(model_file)
+    key = (model_file, st.st_size, st.st_mtime_ns)
+    if key not in _SP:
+        _SP[key] = spm.SentencePieceProcessor(model_file=model_file)
+    return _SP[key]
 
 
 def _shard_files(shard_dir: Path, index: int) -> tuple[Path, Path]:

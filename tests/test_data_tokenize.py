@@ -95,6 +95,15 @@ def test_hf_tokenizer_ids_equal_sentencepiece(corpus, tmp_path):
             assert llama(text)["input_ids"] == [1] + sp.encode(text), repr(text)
     assert llama(" leading space")["input_ids"] == [1] + sp.encode(" leading space")[1:]
 
+    # Exported into an HF model folder (config.json of model_type llama), AutoTokenizer still loads
+    # tokenizer.json as written.
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 1024}))
+    export_hf_tokenizer(corpus[1], model_dir)
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    assert [auto(t)["input_ids"] for t in VARIED] == [[1] + sp.encode(t) for t in VARIED]
+
 
 # ---------------------------------------------------------------- parallel tokenization
 
@@ -287,6 +296,10 @@ def test_mixture_report_from_idx_files(corpus, tmp_path, capsys):
     assert (code_docs, code_tokens) == (len(code.read_text().splitlines()),
                                         int(np.fromfile(str(tmp_path / "code_text_document") + ".bin", np.uint16).size))
     assert dataset_size(books) == (522, 91_222)
+    (tmp_path / "cut.idx").write_bytes(Path(str(books) + ".idx").read_bytes())
+    (tmp_path / "cut.bin").write_bytes(Path(str(books) + ".bin").read_bytes()[:-2])
+    with pytest.raises(MixtureError, match=r"cut.bin: missing or not the size its .idx implies \(91,222 tokens\)"):
+        dataset_size(tmp_path / "cut")
 
     sources = OmegaConf.create({"books": {"prefix": str(books), "weight": 3.0, "epochs": 2.0},
                                 "code": {"prefix": str(tmp_path / "code_text_document"), "weight": 1.0, "epochs": None}})
