@@ -2,6 +2,7 @@
 
 demo: fetch the demo corpus (Botchan), train the LLaMA-style tokenizer on it, tokenize it into a
 megatron-core indexed dataset, and write summary.json (documents, tokens, unigram entropy).
+clean source=<name> input=DIR output=DIR [overrides]: one source's raw files -> cleaned JSONL (clean.py).
 train-tokenizer, export-hf-tokenizer, tokenize, mix: one stage each, on your own files.
 """
 
@@ -80,7 +81,12 @@ def main(argv=None) -> int:
     m.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.sources.books.prefix=/d/books")
     m.add_argument("--tokens", type=float, default=None,
                    help="token budget (default: the recipe's steps x global batch x sequence length)")
+
+    c = sub.add_parser("clean", help="one source's raw files -> cleaned JSONL (datatrove pipeline)")
+    c.add_argument("overrides", nargs="*", help="source=<name> input=DIR output=DIR [tasks=N <source>.<field>=...]")
     args = p.parse_args(argv)
+    if args.stage == "clean":
+        return clean_stage(args.overrides)
 
     try:
         if args.stage == "demo":
@@ -105,6 +111,20 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:  # InputError, MixtureError, RecipeError: messages name the file/field
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def clean_stage(overrides: list[str]) -> int:
+    from data_prep.clean import load_config, run
+    from data_prep.sources import InputError
+    from recipes import RecipeError
+
+    try:
+        report = run(load_config(overrides))
+    except (RecipeError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return 0
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from data_prep.sources import InputError  # a bad input file; the message names it (and the line)
+
 SHARD_BYTES = 32 << 20
 BATCH_DOCS = 256
 COMPRESSED = (".gz", ".zst")
@@ -37,10 +39,6 @@ COMPRESSED = (".gz", ".zst")
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
-
-
-class InputError(ValueError):
-    """Bad input; the message names the file (and the line where there is one)."""
 
 
 @dataclass(frozen=True)

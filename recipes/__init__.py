@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from recipes.schema import DescribeConfig, RecipeConfig
+from recipes.schema import CleanConfig, DescribeConfig, RecipeConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent
 
@@ -24,6 +24,7 @@ RECIPES_DIR = Path(__file__).resolve().parent
 # without `+`) and Hydra checks types while composing; `validate` re-checks the final result.
 ConfigStore.instance().store(name="describe_schema", node=DescribeConfig)
 ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
+ConfigStore.instance().store(name="clean_schema", node=CleanConfig)
 
 
 class RecipeError(ValueError):

@@ -156,3 +156,86 @@ class RecipeConfig:
 @dataclass
 class DescribeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# --- data_prep clean (data_prep/clean.py): one source's raw files -> cleaned JSONL ---
+
+
+@dataclass
+class StackExchangeCleanConfig:
+    sites: int = 28  # the largest sites of the dump, by Posts.xml size (LLaMA: 28)
+
+
+@dataclass
+class GithubCleanConfig:
+    licenses: List[str] = field(default_factory=lambda: ["apache-2.0", "bsd", "mit"])
+    # RedPajama's GitHub filters (LLaMA states only "line length or proportion of alphanumeric").
+    max_line_length: int = 1000
+    max_mean_line_length: float = 100.0
+    min_alphanumeric_share: float = 0.25
+    max_file_bytes: int = 1_000_000
+    extensions: List[str] = field(default_factory=lambda: [
+        ".py", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".cu", ".java", ".js", ".ts", ".go", ".rs", ".rb",
+        ".php", ".cs", ".scala", ".swift", ".kt", ".m", ".sh", ".lua", ".pl", ".r", ".jl", ".hs", ".ml", ".sql",
+        ".tex", ".md", ".f90", ".dart", ".el", ".clj", ".erl", ".ex", ".vim", ".ps1", ".bat", ".cmake", ".proto",
+        ".pyx"])
+
+
+@dataclass
+class WikipediaCleanConfig:
+    languages: List[str] = field(default_factory=lambda: [
+        "bg", "ca", "cs", "da", "de", "en", "es", "fr", "hr", "hu", "it", "nl", "pl", "pt", "ro", "ru", "sl", "sr",
+        "sv", "uk"])
+
+
+@dataclass
+class BooksCleanConfig:
+    max_overlap: float = 0.9  # LLaMA: books with more than 90% content overlap are removed
+    shingle_words: int = 5
+    num_perm: int = 128  # MinHash permutations (candidates only; overlaps are then computed exactly)
+
+
+@dataclass
+class C4CleanConfig:
+    # C4's own values (Raffel et al. 2020): lines of >= 3 words, pages of >= 5 sentences.
+    min_words_per_line: int = 3
+    min_sentences: int = 5
+    bad_words_file: Optional[str] = None  # one word per line (C4 used the LDNOOBW English list)
+    languages: List[str] = field(default_factory=lambda: ["en"])
+    min_language_score: float = 0.5
+
+
+@dataclass
+class CommonCrawlCleanConfig:
+    languages: List[str] = field(default_factory=lambda: ["en"])  # LLaMA kept English
+    min_language_score: float = 0.5  # CCNet's threshold
+    # The "referenced by Wikipedia" classifier: a trained fastText model, or JSONL samples to
+    # train one from (pages Wikipedia cites / random pages). Neither: the step is left out.
+    reference_classifier: Optional[str] = None
+    reference_positives: Optional[str] = None
+    reference_negatives: Optional[str] = None
+    min_reference_score: float = 0.5
+
+
+@dataclass
+class CleanConfig:
+    source: str = MISSING  # stackexchange | github | wikipedia | books | arxiv | c4 | commoncrawl
+    input: str = MISSING  # the source's raw files (see data_prep/README.md for each layout)
+    output: str = MISSING  # cleaned JSONL shards: <output>/<task>.jsonl
+    tasks: int = 1  # datatrove tasks (input shards); dedup steps need 1
+    workers: int = 1  # tasks run at once (local executor)
+    executor: str = "local"  # local | slurm
+    logging_dir: Optional[str] = None  # datatrove's logs, completions, stats; None: <output>/.logs
+    slurm_partition: Optional[str] = None  # executor=slurm: one array job, a task per array element
+    slurm_time: str = "24:00:00"
+    slurm_cpus_per_task: int = 1
+    slurm_mem_per_cpu_gb: int = 2
+    slurm_venv: Optional[str] = None  # activated in the jobs; None: the venv this command runs in
+    slurm_wait: bool = False  # wait for the job and write the report (else: submit and return)
+    stackexchange: StackExchangeCleanConfig = field(default_factory=StackExchangeCleanConfig)
+    github: GithubCleanConfig = field(default_factory=GithubCleanConfig)
+    wikipedia: WikipediaCleanConfig = field(default_factory=WikipediaCleanConfig)
+    books: BooksCleanConfig = field(default_factory=BooksCleanConfig)
+    c4: C4CleanConfig = field(default_factory=C4CleanConfig)
+    commoncrawl: CommonCrawlCleanConfig = field(default_factory=CommonCrawlCleanConfig)
+    language_id_model: Optional[str] = None  # fastText lid.176.bin/.ftz (c4, commoncrawl)

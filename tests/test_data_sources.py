@@ -1,0 +1,490 @@
+"""Per-source cleaners (data_prep/sources/) on real raw data from registry packages
+(data_prep/samples.py) and on small fixtures written here where no real sample exists."""
+
+from __future__ import annotations
+
+import bz2
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_prep import samples
+from data_prep.clean import load_config, run
+from data_prep.corpus import fetch_botchan
+from data_prep.sources import InputError
+from data_prep.sources.arxiv import clean_latex
+from data_prep.sources.books import overlap, shingles
+from data_prep.sources.github import detect_license, strip_license_header
+from data_prep.sources.stackexchange import site_documents
+from recipes import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path.home() / ".cache" / "llama_mcore"
+
+
+def clean(tmp_path, *overrides, name="out"):
+    """Run a cleaning pipeline in-process; (report, documents)."""
+    out = tmp_path / name
+    report = run(load_config([*overrides, f"output={out}"]))
+    docs = [json.loads(line) for p in sorted(out.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    return report, docs
+
+
+def step_stats(report, step_name):
+    return next(s for s in report["steps"] if s["step"].endswith(step_name))
+
+
+# ------------------------------------------------------------------------------ StackExchange
+
+
+def _posts(rows: list[dict]) -> str:
+    def attr(v):
+        return str(v).replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+    lines = ['<?xml version="1.0" encoding="utf-8"?>', "<posts>"]
+    lines += ["  <row " + " ".join(f'{k}="{attr(v)}"' for k, v in r.items()) + " />" for r in rows]
+    return "\n".join(lines + ["</posts>"]) + "\n"
+
+
+@pytest.fixture
+def stackexchange_dump(tmp_path):
+    dump = tmp_path / "stackexchange"
+    rows = [
+        {"Id": 1, "PostTypeId": 1, "Score": 5, "Title": "How do I sort &amp; keep ties?",
+         "Body": "<p>I have a <code>list</code> of pairs.</p><p>Any ideas?</p>"},
+        {"Id": 2, "PostTypeId": 2, "ParentId": 1, "Score": 9, "Body": "<p>Answer with score nine.</p>"},
+        {"Id": 3, "PostTypeId": 2, "ParentId": 1, "Score": 10, "Body": "<p>Answer with score ten.</p>"},
+        {"Id": 4, "PostTypeId": 2, "ParentId": 1, "Score": -1, "Body": "<p>A downvoted answer.</p>"},
+        {"Id": 5, "PostTypeId": 2, "ParentId": 1, "Score": 2, "Body": "<pre><code>sorted(x, key=f)\n</code></pre>"},
+        {"Id": 6, "PostTypeId": 1, "Score": 0, "Title": "Unanswered", "Body": "<p>Nobody replied &lt;yet&gt;.</p>"},
+        {"Id": 7, "PostTypeId": 5, "Score": 0, "Body": "<p>A tag wiki: not a question or answer.</p>"},
+    ]
+    for site, extra in (("math", 40), ("superuser", 10), ("tiny", 0)):
+        (dump / site).mkdir(parents=True)
+        padding = [{"Id": 100 + i, "PostTypeId": 1, "Score": 1, "Title": f"Q{i}", "Body": "<p>x</p>"} for i in range(extra)]
+        (dump / site / "Posts.xml").write_text(_posts(rows + padding))
+    return dump
+
+
+def test_stackexchange_answers_sorted_by_numeric_score(stackexchange_dump, tmp_path):
+    docs = site_documents(stackexchange_dump / "math" / "Posts.xml")
+    first = next(d for d in docs if d["id"] == "math/1")
+    assert first["text"] == ("How do I sort & keep ties?\n\nI have a list of pairs.\n\nAny ideas?\n\n"
+                             "Answer with score ten.\n\nAnswer with score nine.\n\nsorted(x, key=f)\n\n"
+                             "A downvoted answer.")
+    assert next(d for d in docs if d["id"] == "math/6")["text"] == "Unanswered\n\nNobody replied <yet>."
+    assert not any("tag wiki" in d["text"] for d in docs)
+    # The largest sites only (by Posts.xml size): sites=2 keeps math and superuser.
+    report, out = clean(tmp_path, "source=stackexchange", f"input={stackexchange_dump}", "stackexchange.sites=2")
+    assert {d["site"] for d in out} == {"math", "superuser"}
+    assert len(out) == (2 + 40) + (2 + 10)
+    assert report["documents_out"] == len(out)
+
+
+def test_stackexchange_corrupt_posts_xml_names_the_file(stackexchange_dump, tmp_path):
+    bad = stackexchange_dump / "math" / "Posts.xml"
+    bad.write_text(bad.read_text()[:300])
+    with pytest.raises(InputError, match=re.escape(str(bad))):
+        site_documents(bad)
+    with pytest.raises(InputError, match=re.escape(str(bad))):
+        clean(tmp_path, "source=stackexchange", f"input={stackexchange_dump}")
+    assert not list((tmp_path / "out").glob("*.jsonl"))  # nothing that looks complete
+
+
+# ------------------------------------------------------------------------------------- ArXiv
+
+PAPER = r"""\documentclass{article}
+\usepackage{amsmath}
+\newcommand{\R}{\mathbb{R}}
+\newcommand{\norm}[1]{\left\lVert #1 \right\rVert}
+\renewcommand\vec[1]{\mathbf{#1}}
+\def\pair#1#2{(#1, #2)}
+\def\eps{\varepsilon}
+\title{A paper} % the title
+\begin{document}
+\maketitle
+\begin{abstract} We study things. \end{abstract}
+% a full comment line
+\section{Introduction}
+Let $x \in \R^n$ with $\norm{x} \le \eps$ and 50\% of $\pair{a}{\vec b}$. % trailing comment
+\subsection{More}
+Nested: $\norm{\vec{v}}$.
+\begin{thebibliography}{9}
+\bibitem{a} A. Author. Title. 2020.
+\end{thebibliography}
+\end{document}
+"""
+
+
+def test_arxiv_fixture_macros_comments_bibliography():
+    assert clean_latex(PAPER) == (
+        "\\section{Introduction}\n"
+        "Let $x \\in \\mathbb{R}^n$ with $\\left\\lVert x \\right\\rVert \\le \\varepsilon$ and 50\\% of "
+        "$(a, \\mathbf{b})$.\n"
+        "\\subsection{More}\n"
+        "Nested: $\\left\\lVert \\mathbf{v} \\right\\rVert$.\n")
+    assert clean_latex(r"\documentclass{article}\begin{document}No sections.\end{document}") is None
+
+
+def test_arxiv_on_latex_sample2e(tmp_path):
+    src = samples.latex_sample()
+    text = clean_latex(src.read_text())
+    assert text.startswith("\\section{Ordinary Text}")
+    assert "%" not in text.replace("\\%", "")  # comments gone
+    assert "\\documentclass" not in text and "\\end{document}" not in text and "\\maketitle" not in text
+    # \ip{A}{B} is expanded with the live definition, not the commented-out alternative.
+    assert "(A, B) = \\sum_{i} a_{i} b_{i}" in text and "(\\Gamma, \\psi')" in text and "\\ip" not in text
+    assert "\\langle" not in text
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "sample2e.tex").write_text(src.read_text())
+    (papers / "paper.tex").write_text(PAPER)
+    (papers / "included_part.tex").write_text("\\section{Part}\nAn \\input file, not a paper.\n")
+    report, docs = clean(tmp_path, "source=arxiv", f"input={papers}")
+    assert sorted(d["id"] for d in docs) == ["paper.tex", "sample2e.tex"]
+    assert next(d for d in docs if d["id"] == "sample2e.tex")["text"] == text
+
+
+# ------------------------------------------------------------------------------------- Books
+
+
+def test_books_gutenberg_header_and_near_duplicates(tmp_path):
+    book = fetch_botchan(CACHE).replace("\r\n", "\n")
+    body = [line for line in book.split("\n") if line.strip()]
+    rng = random.Random(0)
+    # ~95% overlap: a few percent of the lines replaced by shuffled copies of themselves.
+    near = list(body)
+    for i in rng.sample(range(len(near)), len(near) // 40):
+        words = near[i].split()
+        rng.shuffle(words)
+        near[i] = " ".join(words)
+    # ~50% overlap: the first two thirds, then the rest with its words shuffled.
+    cut = 2 * len(body) // 3
+    rest = " ".join(body[cut:]).split()
+    rng.shuffle(rest)
+    half = body[:cut] + [" ".join(rest[i:i + 12]) for i in range(0, len(rest), 12)]
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a_botchan.txt").write_text(book)
+    (books / "b_near_copy.txt").write_text("\n".join(near))
+    (books / "c_partial.txt").write_text("\n".join(half))
+    a, b, c = (shingles("\n".join(x), 5) for x in (body, near, half))
+    assert 0.93 < overlap(a, b) < 0.97 and 0.45 < overlap(a, c) < 0.55  # the fixtures are what they claim
+
+    report, docs = clean(tmp_path, "source=books", f"input={books}")
+    assert [d["id"] for d in docs] == ["a_botchan.txt", "c_partial.txt"]
+    assert step_stats(report, "book near-duplicates")["dropped_near_duplicate"] == 1
+    kept = docs[0]["text"]
+    assert "Project Gutenberg" not in kept and "START OF" not in kept
+    assert kept.lstrip().startswith("BOTCHAN")
+    assert "*** END" not in kept and len(kept) > 0.9 * len(book) - 20000
+    # A stricter threshold keeps the near copy too (the threshold is the recipe's, not hard-coded).
+    _, docs = clean(tmp_path, "source=books", f"input={books}", "books.max_overlap=0.97", name="strict")
+    assert len(docs) == 3
+    with pytest.raises(RecipeError, match="tasks: 2, but DropNearDuplicateBooks must see the whole corpus"):
+        run(load_config(["source=books", f"input={books}", f"output={tmp_path / 'x'}", "tasks=2"]))
+
+
+# ------------------------------------------------------------------------------------ GitHub
+
+
+def test_github_licenses_filters_headers_dedup(tmp_path):
+    repos = samples.github_repositories()
+    assert {r.name: detect_license(r) for r in repos.iterdir()} == {
+        "sentencepiece": "apache-2.0", "six-1.17.0": "mit", "psutil-7.2.2": "bsd", "kenlm-0.3.0": None}
+    code = (repos / "sentencepiece" / "src" / "bpe_model.cc").read_text()
+    assert code.startswith("// Copyright 2016 Google Inc.")
+    assert strip_license_header(code) == code[code.index('#include "bpe_model.h"'):]
+    script = "#!/usr/bin/env python\n# Copyright (c) 2024 A. Person\n# SPDX-License-Identifier: MIT\n\nimport os\n"
+    assert strip_license_header(script) == "#!/usr/bin/env python\nimport os\n"
+    plain = "# Utilities for the tests.\nimport os\n"
+    assert strip_license_header(plain) == plain  # a comment that is not a license stays
+
+    # Our own repository beside the real ones: files each filter must drop, and a duplicate.
+    work = tmp_path / "repos"
+    work.mkdir()
+    for r in repos.iterdir():
+        os.symlink(r, work / r.name)
+    mine = work / "zz_fixture"
+    mine.mkdir()
+    (mine / "LICENSE").write_text((repos / "six-1.17.0" / "LICENSE").read_text())
+    (mine / "long_line.js").write_text("var x = '" + "a" * 1200 + "';\n")
+    (mine / "minified.js").write_text("\n".join("function f%d(a,b){return a+b*%d;}" % (i, i) * 4 for i in range(50)))
+    (mine / "symbols.py").write_text("# " + "=-" * 20 + "\n" + ("[{}]();:<>\n" * 50))
+    (mine / "copy_of_six.py").write_text((repos / "six-1.17.0" / "six.py").read_text())
+    (mine / "notes.txt").write_text("not an allowed extension\n")
+    report, docs = clean(tmp_path, "source=github", f"input={work}")
+    by_repo = {}
+    for d in docs:
+        by_repo.setdefault(d["repo"], []).append(d["id"])
+    assert set(by_repo) == {"sentencepiece", "six-1.17.0", "psutil-7.2.2", "zz_fixture"} - {"zz_fixture"}
+    assert "six-1.17.0/six.py" in by_repo["six-1.17.0"]
+    quality = step_stats(report, "code quality")
+    assert quality["dropped_max_line_length"] == 1 and quality["dropped_mean_line_length"] == 1
+    assert quality["dropped_alphanumeric_share"] >= 1
+    assert step_stats(report, "exact dedup")["dropped_duplicate"] >= 1
+    assert step_stats(report, "github reader")["repos_skipped_license_none_or_copyleft"] == 1  # kenlm (LGPL)
+    bpe = next(d for d in docs if d["id"] == "sentencepiece/src/bpe_model.cc")
+    assert bpe["text"].startswith('#include "bpe_model.h"') and bpe["license"] == "apache-2.0"
+    assert not any("kenlm" in d["id"] or d["id"].endswith(".txt") for d in docs)
+
+
+# --------------------------------------------------------------------------------- Wikipedia
+
+
+def truncated_dump(src: Path, dst: Path, pages: int) -> Path:
+    """The first `pages` pages of a real dump, still a valid dump."""
+    xml = bz2.decompress(src.read_bytes()).decode("utf-8")
+    ends = [m.end() for m in re.finditer(r"</page>", xml)]
+    dst.write_bytes(bz2.compress((xml[:ends[pages - 1]] + "\n</mediawiki>\n").encode("utf-8")))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def wiki_dir(tmp_path_factory):
+    src = samples.wikipedia_dumps()
+    out = tmp_path_factory.mktemp("wiki")
+    truncated_dump(next(src.glob("enwiki-latest-pages-articles1*")), out / "enwiki-20220601-pages-articles1.xml.bz2", 120)
+    # The Bulgarian dump (UTF-16, 3 pages: one article, two project pages) as it is.
+    (out / "bgwiki-20220601-pages-articles.xml.bz2").write_bytes(next(src.glob("bgwiki-*")).read_bytes())
+    return out
+
+
+def test_wikipedia_main_namespace_no_redirects_markup_removed(wiki_dir, tmp_path):
+    report, docs = clean(tmp_path, "source=wikipedia", f"input={wiki_dir}")
+    # Independent count from the raw XML: pages in namespace 0 without a <redirect>.
+    expected = {}
+    for dump in wiki_dir.glob("*.bz2"):
+        lang = dump.name.split("wiki-")[0]
+        raw = bz2.decompress(dump.read_bytes())
+        xml = raw.decode("utf-16" if raw.startswith(b"\xff\xfe") else "utf-8")
+        expected[lang] = sum(1 for p in re.findall(r"<page>.*?</page>", xml, re.S)
+                             if "<ns>0</ns>" in p and "<redirect" not in p and "<text" in p and
+                             not re.search(r"<text[^>]*/>", p))
+    got = {lang: sum(d["language"] == lang for d in docs) for lang in expected}
+    assert got == expected and got["en"] > 20 and got["bg"] == 1
+    autism = next(d for d in docs if d["title"] == "Autism")
+    assert autism["text"].startswith("Autism is a neurodevelopmental disorder characterized by impaired social "
+                                     "interaction, verbal and non-verbal communication")
+    for d in docs:
+        for markup in ("{{", "}}", "[[", "]]", "<ref", "<!--", "'''", "{|", "|}", "thumb|"):
+            assert markup not in d["text"], (d["title"], markup)
+    assert any(re.search("[а-яА-Я]{4}", d["text"]) for d in docs if d["language"] == "bg")
+    reader = step_stats(report, "wikipedia reader")
+    assert reader["pages_skipped_redirect"] > 0
+    # Only the configured languages.
+    _, en_only = clean(tmp_path, "source=wikipedia", f"input={wiki_dir}", "wikipedia.languages=[en]", name="en")
+    assert {d["language"] for d in en_only} == {"en"} and len(en_only) == expected["en"]
+
+
+def test_wikipedia_bad_input(wiki_dir, tmp_path):
+    with pytest.raises(RecipeError, match="wikipedia.languages: 'xx' not among the paper's 20"):
+        load_config(["source=wikipedia", f"input={wiki_dir}", f"output={tmp_path}", "wikipedia.languages=[en,xx]"])
+    with pytest.raises(RecipeError, match="input: /nonexistent does not exist"):
+        load_config(["source=wikipedia", "input=/nonexistent", f"output={tmp_path}"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "enwiki-x-pages-articles.xml.bz2").write_bytes(b"BZh9 this is not bzip2 data")
+    with pytest.raises(InputError, match=re.escape(str(broken / "enwiki-x-pages-articles.xml.bz2"))):
+        clean(tmp_path, "source=wikipedia", f"input={broken}")
+    r = subprocess.run([sys.executable, "-m", "data_prep", "clean", "source=wikipedia", f"input={broken}",
+                        f"output={tmp_path / 'cli'}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "not a readable Wikipedia XML dump" in r.stderr
+    assert not list((tmp_path / "cli").glob("*.jsonl"))
+
+
+# ------------------------------------------------------------------------- resumable runs
+
+
+def test_killed_run_resumes_without_lost_or_duplicated_documents(wiki_dir, tmp_path):
+    """4 tasks over 4 dumps, one at a time; SIGKILL after the first task finished; the rerun
+    skips it, redoes the rest, and the shards equal an uninterrupted run's."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    src = next(samples.wikipedia_dumps().glob("enwiki-latest-pages-articles1*"))
+    for i in range(4):
+        truncated_dump(src, inputs / f"enwiki-2022060{i}-pages-articles.xml.bz2", 12)
+    args = ["source=wikipedia", f"input={inputs}", "tasks=4", "workers=1", "wikipedia.languages=[en]"]
+    _, reference = clean(tmp_path, *args, name="uninterrupted")
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "data_prep", "clean", *args, f"output={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    completions = out / ".logs" / "completions"
+    deadline = time.time() + 300
+    while not (completions.is_dir() and any(completions.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(completions.iterdir()))
+    assert 1 <= done < 4, "the kill must land mid-run"
+    assert len(list(out.glob("*.jsonl"))) == done  # only finished tasks' shards look complete
+
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.jsonl")) == sorted(p.name for p in (tmp_path / "uninterrupted").glob("*.jsonl"))
+    for p in out.glob("*.jsonl"):
+        assert p.read_bytes() == (tmp_path / "uninterrupted" / p.name).read_bytes()
+    assert not list(out.glob("*.partial"))
+    resumed = [json.loads(line) for p in sorted(out.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    assert resumed == reference
+
+
+# ---------------------------------------------------------------------------------------- C4
+
+GOOD_PAGE = """Home | About | Contact
+The river rose quickly after three days of heavy rain in the valley.
+Farmers moved their animals to higher ground before the water arrived.[1]
+Please enable JavaScript to view the comments powered by our partner.
+This site uses cookies to improve your experience.
+Short line.
+By evening the old bridge was closed to all traffic.
+Engineers said it would reopen once the current slowed down.
+Volunteers handed out sandbags at the school until midnight!
+Was anyone hurt? Officials said nobody had been injured so far."""
+
+
+def test_c4_line_and_page_rules(tmp_path):
+    from data_prep.sources.c4 import c4_clean
+
+    page, reason = c4_clean(GOOD_PAGE, 3, 5, frozenset())
+    assert reason is None
+    assert page == (
+        "The river rose quickly after three days of heavy rain in the valley.\n"
+        "Farmers moved their animals to higher ground before the water arrived.\n"
+        "By evening the old bridge was closed to all traffic.\n"
+        "Engineers said it would reopen once the current slowed down.\n"
+        "Volunteers handed out sandbags at the school until midnight!\n"
+        "Was anyone hurt? Officials said nobody had been injured so far.")
+    assert c4_clean(GOOD_PAGE + "\nLorem ipsum dolor sit amet, consectetur.", 3, 5, frozenset())[1] == "lorem_ipsum"
+    assert c4_clean(GOOD_PAGE + "\nfunction f() { return 1; }", 3, 5, frozenset())[1] == "curly_bracket"
+    assert c4_clean(GOOD_PAGE, 3, 5, frozenset({"sandbags"}))[1] == "bad_words"
+    assert c4_clean(GOOD_PAGE, 3, 8, frozenset())[1] == "too_few_sentences"  # 7 sentences survive
+
+    lid = samples.language_id_model()
+    pages = tmp_path / "c4"
+    pages.mkdir()
+    bulgarian = ("Реката се покачи бързо след три дни силен дъжд в долината.\n" * 6).strip()
+    records = [{"text": GOOD_PAGE, "url": "a"}, {"text": GOOD_PAGE, "url": "copy"}, {"text": bulgarian},
+               {"text": "Only two sentences here. That is all."}]
+    (pages / "part0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report, docs = clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={lid}")
+    assert [d["text"] for d in docs] == [c4_clean(GOOD_PAGE, 3, 5, frozenset())[0]]
+    assert docs[0]["language"] == "en" and docs[0]["url"] == "a"
+    assert step_stats(report, "exact dedup")["dropped_duplicate"] == 1
+    assert step_stats(report, "language id")["dropped_language"] == 1
+    assert step_stats(report, "c4 heuristics")["dropped_too_few_sentences"] == 1
+    with pytest.raises(RecipeError, match="language_id_model: source=c4 needs"):
+        load_config(["source=c4", f"input={pages}", f"output={tmp_path / 'x'}"])
+    (pages / "part1.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(InputError, match=re.escape(f"{pages / 'part1.jsonl'}:2: not a JSON object with a 'text' field")):
+        clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={lid}", name="bad")
+
+
+# ------------------------------------------------------------------------------- CommonCrawl
+
+
+def _wet(records: list[tuple[str, str]]) -> bytes:
+    out = b"WARC/1.0\r\nWARC-Type: warcinfo\r\nContent-Length: 9\r\n\r\nsoftware:\r\n\r\n"
+    for url, text in records:
+        body = text.encode()
+        out += (f"WARC/1.0\r\nWARC-Type: conversion\r\nWARC-Target-URI: {url}\r\n"
+                f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body + b"\r\n\r\n"
+    return out
+
+
+def test_commoncrawl_line_dedup_language_and_reference_classifier(tmp_path):
+    from data_prep.sources.commoncrawl import ReferenceClassifierFilter, html_to_text, normalize_line
+
+    assert normalize_line("  Copyright © 2021, Example Inc.! ") == normalize_line("copyright 2020 example inc")
+    assert normalize_line("Café") == "cafe"
+    web = samples.web_pages()
+    mozilla = html_to_text((web / "mozilla.org.firefox.developer.html").read_text())
+    assert mozilla.startswith("Welcome to Firefox Developer Edition")
+    assert "<" not in mozilla and "function(" not in mozilla  # no markup, no scripts
+    assert ("Develop, deploy and debug Firefox OS apps directly in your browser, or on a Firefox OS device, "
+            "with this tool that replaces App Manager.") in mozilla
+
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    boiler = "Home | News | Contact us\nCopyright 2020 Example Media Inc."
+    story1 = ("The city council approved the new library budget on Tuesday after a long debate about "
+              "opening hours, staffing and the cost of repairing the roof of the old building.")
+    story2 = ("Scientists at the university published a study showing that the lake's water quality "
+              "improved steadily over the last decade, thanks to new rules on farm runoff.")
+    german = ("Der Stadtrat hat am Dienstag nach langer Debatte den neuen Haushalt für die Bibliothek "
+              "beschlossen, einschließlich der Reparatur des alten Daches.")
+    (crawl / "CC-MAIN-0001.warc.wet").write_bytes(_wet([
+        ("http://a.example/1", f"{boiler}\n{story1}"),
+        ("http://a.example/2", f"Home | News | Contact Us!\n{story2}\nCopyright 2021 Example Media Inc."),
+        ("http://b.example/de", german),
+        ("http://a.example/dup", f"{boiler}\n{story1.upper()}")]))
+    for name in ("mozilla.org.firefox.developer.html", "utf8.html"):
+        (crawl / name).write_bytes((web / name).read_bytes())
+    lid = samples.language_id_model()
+    report, docs = clean(tmp_path, "source=commoncrawl", f"input={crawl}", f"language_id_model={lid}")
+    texts = {d["url"]: d["text"] for d in docs}
+    assert texts["http://a.example/1"] == f"{boiler}\n{story1}"
+    assert texts["http://a.example/2"] == story2  # its boilerplate lines were seen in page 1
+    assert "http://a.example/dup" not in texts  # every line a duplicate (case/punctuation aside)
+    assert "http://b.example/de" not in texts
+    assert step_stats(report, "line dedup")["dropped_empty_after_dedup"] == 1
+    assert step_stats(report, "language id")["dropped_language"] >= 1
+    assert "mozilla.org.firefox.developer.html" in texts
+
+    # The reference classifier, trained from user samples: Wikipedia articles vs junk pages.
+    dumps = samples.wikipedia_dumps()
+    articles = truncated_dump(next(dumps.glob("enwiki-latest-pages-articles1*")), tmp_path / "enwiki-x.xml.bz2", 80)
+    (tmp_path / "wiki_in").mkdir()
+    articles.rename(tmp_path / "wiki_in" / articles.name)
+    _, wiki = clean(tmp_path, "source=wikipedia", f"input={tmp_path / 'wiki_in'}", name="wiki_out")
+    paragraphs = [p for d in wiki for p in d["text"].split("\n\n") if len(p) > 200]
+    junk = [line for name in ("scam.html", "apache.html", "httpbin_sample.html", "http_sample.html")
+            for line in html_to_text((web / name).read_text(errors="replace")).split("\n") if len(line) > 20]
+    junk_pages = [" ".join(junk[i:i + 5]) for i in range(0, len(junk), 5)]
+    held_wiki, held_junk = paragraphs[-10:], junk_pages[-5:]
+    for name, rows in (("pos.jsonl", paragraphs[:-10]), ("neg.jsonl", junk_pages[:-5])):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    report, docs = clean(tmp_path, "source=commoncrawl", f"input={crawl}", f"language_id_model={lid}",
+                         f"commoncrawl.reference_positives={tmp_path / 'pos.jsonl'}",
+                         f"commoncrawl.reference_negatives={tmp_path / 'neg.jsonl'}",
+                         "commoncrawl.min_reference_score=0.5", name="with_classifier")
+    scorer = ReferenceClassifierFilter(str(tmp_path / "with_classifier" / "reference_classifier.bin"), 0.5)
+    wiki_scores = [scorer.score(t) for t in held_wiki]
+    junk_scores = [scorer.score(t) for t in held_junk]
+    # Held-out pages (a small training set, so a majority, not all, of the junk).
+    assert all(s >= 0.5 for s in wiki_scores) and sum(s < 0.5 for s in junk_scores) >= 3, (wiki_scores, junk_scores)
+    stats = step_stats(report, "wikipedia reference classifier")
+    assert stats["total"] == len(texts) and all(d["reference_score"] >= 0.5 for d in docs)
+
+
+# ------------------------------------------------------------------- datatrove's Slurm executor
+
+
+def test_clean_on_slurm_with_datatrove_slurm_executor(stackexchange_dump, tmp_path):
+    """executor=slurm: datatrove submits an array job (one task per element) to the real local
+    Slurm; the shards equal a local run's."""
+    from tests.test_slurm import LocalSlurm
+
+    cluster = LocalSlurm()
+    cluster.ensure(nodes=2, cpus=2)
+    try:
+        args = ["source=stackexchange", f"input={stackexchange_dump}", "tasks=3"]
+        report, docs = clean(tmp_path, *args, "executor=slurm", "slurm_wait=true", "slurm_partition=local",
+                             name="on_slurm")
+        _, local_docs = clean(tmp_path, *args, name="local")
+    finally:
+        cluster.stop()
+    assert sorted(p.name for p in (tmp_path / "on_slurm").glob("*.jsonl")) == ["00000.jsonl", "00001.jsonl", "00002.jsonl"]
+    assert docs == local_docs and len(docs) == (2 + 40) + (2 + 10) + 2  # questions of the 3 sites
+    assert report["documents_out"] == len(local_docs)
+    assert (tmp_path / "on_slurm" / ".logs" / "slurm_logs").is_dir()
