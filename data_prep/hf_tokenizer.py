@@ -78,7 +78,7 @@ def export_hf_tokenizer(tokenizer_model: Path, out_dir: Path, model_max_length: 
         "add_eos_token": False,
         "bos_token": bos, "eos_token": eos, "unk_token": unk,
         "clean_up_tokenization_spaces": False,
-        "legacy": True,  # LlamaTokenizer: always prepend the dummy prefix, as SentencePiece does
+        "legacy": True,  # LlamaTokenizer: Metaspace prepend scheme "always" (see the module docstring)
         "model_max_length": model_max_length,
         "padding_side": "left",
     }
