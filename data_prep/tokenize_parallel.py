@@ -133,8 +133,12 @@ def _compressed_lines(shard: Shard):
 def _line_number(shard: Shard, where: int) -> int:
     if shard.compressed:
         return where
+    newlines, left = 0, where
     with open(shard.path, "rb") as f:
-        return f.read(where).count(b"\n") + 1
+        while left > 0 and (chunk := f.read(min(left, 16 << 20))):
+            newlines += chunk.count(b"\n")
+            left -= len(chunk)
+    return newlines + 1
 
 
 def _text(shard: Shard, where: int, line: bytes) -> str:
