@@ -1,23 +1,25 @@
-"""python -m data_prep demo --out DIR [--vocab-size N]
-python -m data_prep clean source=<name> input=DIR output=DIR [overrides]   (data_prep/clean.py)
+"""python -m data_prep <stage> [args]: the data pipeline's stages (see data_prep/README.md).
 
 demo: fetch the demo corpus (Botchan), train the LLaMA-style tokenizer on it, tokenize it into a
 megatron-core indexed dataset, and write summary.json (documents, tokens, unigram entropy).
+clean source=<name> input=DIR output=DIR [overrides]: one source's raw files -> cleaned JSONL (clean.py).
+train-tokenizer, export-hf-tokenizer, tokenize, mix: one stage each, on your own files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from data_prep.corpus import write_demo_corpus
-from data_prep.tokenize_docs import tokenize_jsonl, unigram_entropy
-from data_prep.tokenizer import train_tokenizer
-
 
 def demo(out: Path, vocab_size: int, cache: Path) -> dict:
+    from data_prep.corpus import write_demo_corpus
+    from data_prep.tokenize_docs import tokenize_jsonl, unigram_entropy
+    from data_prep.tokenizer import train_tokenizer
+
     jsonl = write_demo_corpus(out / "jsonl", cache)
     model = train_tokenizer([jsonl], out / "tokenizer", vocab_size=vocab_size, character_coverage=1.0)
     stats = tokenize_jsonl(jsonl, model, out / "books_text_document")
@@ -34,6 +36,19 @@ def demo(out: Path, vocab_size: int, cache: Path) -> dict:
     return summary
 
 
+def mix(recipe: str, overrides: list[str], tokens: float | None) -> tuple[str, list]:
+    """The mixture report of a recipe's data sources for `tokens` (default: the recipe's
+    train.steps x global_batch_size x seq_length)."""
+    from data_prep.mixture import format_report, mixture_report
+    from recipes import compose
+    from recipes.schema import RecipeConfig
+
+    cfg = compose(recipe, overrides, RecipeConfig)
+    budget = tokens if tokens is not None else cfg.train.steps * cfg.train.global_batch_size * cfg.model.seq_length
+    rows = mixture_report(cfg.data.sources, budget)
+    return format_report(rows, budget), rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
@@ -41,12 +56,61 @@ def main(argv=None) -> int:
     d.add_argument("--out", required=True, type=Path)
     d.add_argument("--vocab-size", type=int, default=1024)
     d.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "llama_mcore")
+
+    t = sub.add_parser("train-tokenizer", help="SentencePiece BPE with LLaMA's settings on JSONL files")
+    t.add_argument("--input", required=True, nargs="+", type=Path, help="JSONL files (.gz/.zst too)")
+    t.add_argument("--out", required=True, type=Path, help="output prefix: writes <out>.model and <out>.vocab")
+    t.add_argument("--vocab-size", type=int, default=32000, help="LLaMA's 32,000 by default")
+    t.add_argument("--character-coverage", type=float, default=0.99995)
+    t.add_argument("--max-sentences", type=int, default=0, help="sample this many documents (0: all)")
+
+    e = sub.add_parser("export-hf-tokenizer", help="a Hugging Face tokenizer folder from tokenizer.model")
+    e.add_argument("--model", required=True, type=Path)
+    e.add_argument("--out", required=True, type=Path)
+    e.add_argument("--model-max-length", type=int, default=2048)
+
+    k = sub.add_parser("tokenize", help="JSONL files of one source -> <prefix>.bin/.idx, in parallel, resumable")
+    k.add_argument("--input", required=True, nargs="+", type=Path, help="JSONL files (.gz/.zst too) of one source")
+    k.add_argument("--tokenizer", required=True, type=Path)
+    k.add_argument("--out-prefix", required=True, type=Path, help="e.g. DIR/books_text_document")
+    k.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    k.add_argument("--shard-bytes", type=int, default=32 << 20, help="plain input is split into shards of this size")
+
+    m = sub.add_parser("mix", help="blend weights and the epochs a token budget implies per source")
+    m.add_argument("recipe", help="a top-level recipe, e.g. llama_65b_pretrain")
+    m.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.sources.books.prefix=/d/books")
+    m.add_argument("--tokens", type=float, default=None,
+                   help="token budget (default: the recipe's steps x global batch x sequence length)")
+
     c = sub.add_parser("clean", help="one source's raw files -> cleaned JSONL (datatrove pipeline)")
     c.add_argument("overrides", nargs="*", help="source=<name> input=DIR output=DIR [tasks=N <source>.<field>=...]")
     args = p.parse_args(argv)
     if args.stage == "clean":
         return clean_stage(args.overrides)
-    print(json.dumps(demo(args.out, args.vocab_size, args.cache), indent=2))
+
+    try:
+        if args.stage == "demo":
+            print(json.dumps(demo(args.out, args.vocab_size, args.cache), indent=2))
+        elif args.stage == "train-tokenizer":
+            from data_prep.tokenizer import train_tokenizer
+
+            print(train_tokenizer(args.input, args.out, args.vocab_size, args.character_coverage, args.max_sentences))
+        elif args.stage == "export-hf-tokenizer":
+            from data_prep.hf_tokenizer import export_hf_tokenizer
+
+            print(export_hf_tokenizer(args.model, args.out, args.model_max_length))
+        elif args.stage == "tokenize":
+            from data_prep.tokenize_parallel import tokenize_parallel
+
+            stats = tokenize_parallel(args.input, args.tokenizer, args.out_prefix, args.workers, args.shard_bytes,
+                                      log=lambda msg: print(msg, file=sys.stderr))
+            print(json.dumps(stats, indent=2))
+        elif args.stage == "mix":
+            report, rows = mix(args.recipe, args.overrides, args.tokens)
+            print(report)
+    except (ValueError, OSError) as e:  # InputError, MixtureError, RecipeError: messages name the file/field
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

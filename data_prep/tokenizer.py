@@ -6,39 +6,58 @@ Ids: <unk>=0, <s>=1 (BOS), </s>=2 (EOS), as in LLaMA's tokenizer; no pad piece.
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import sentencepiece as spm
 
+from data_prep.tokenize_parallel import InputError, iter_texts
+
 
 def train_tokenizer(jsonl_files: list[Path], out_prefix: Path, vocab_size: int = 32000,
                     character_coverage: float = 0.99995, max_sentences: int = 0) -> Path:
-    """Train on the "text" fields of JSONL documents; returns <out_prefix>.model."""
+    """Train on the "text" fields of JSONL documents (plain, .gz or .zst); returns <out_prefix>.model.
+    The default vocabulary is LLaMA's 32,000; a small corpus needs a smaller one."""
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = out_prefix.with_name(out_prefix.name + ".tmp")  # renamed when complete
+
+    bad_input = []  # an InputError inside the iterator reaches us wrapped by sentencepiece: keep it
 
     def sentences():
-        for path in jsonl_files:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    yield json.loads(line)["text"]
+        try:
+            for path in jsonl_files:
+                yield from iter_texts(path)
+        except InputError as e:
+            bad_input.append(e)
 
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(),
-        model_prefix=str(out_prefix),
-        model_type="bpe",
-        vocab_size=vocab_size,
-        split_digits=True,
-        byte_fallback=True,
-        # As LLaMA's tokenizer: text is not normalized and whitespace is kept (code indentation).
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        character_coverage=character_coverage,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=1,  # deterministic output
-        minloglevel=2,
-    )
-    return out_prefix.with_suffix(".model")
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_prefix=str(tmp_prefix),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            split_digits=True,
+            byte_fallback=True,
+            # As LLaMA's tokenizer: text is not normalized and whitespace is kept (code indentation).
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            character_coverage=character_coverage,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=1,  # deterministic output
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (32000). Please set it to a value <= 1234."
+        if bad_input:
+            raise bad_input[0] from None
+        files = ", ".join(str(p) for p in jsonl_files)
+        raise ValueError(f"training the tokenizer on {files} failed: {e}") from None
+    if bad_input:
+        for suffix in (".vocab", ".model"):
+            Path(str(tmp_prefix) + suffix).unlink(missing_ok=True)
+        raise bad_input[0]
+    for suffix in (".vocab", ".model"):
+        os.replace(str(tmp_prefix) + suffix, str(out_prefix) + suffix)
+    return Path(str(out_prefix) + ".model")

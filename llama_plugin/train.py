@@ -328,7 +328,10 @@ _DISTOPT_RESUME_FIELDS = ("parallel.tensor", "parallel.pipeline", "parallel.buck
 
 def resume_fields(cfg) -> dict:
     keys = _RESUME_FIELDS + (_DISTOPT_RESUME_FIELDS if cfg.parallel.distributed_optimizer else ())
-    return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v for k in keys}
+    fields = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v for k in keys}
+    # A source's planned epochs do not change the data order (and checkpoints before the field lack it).
+    fields["data.sources"] = {n: {"prefix": s["prefix"], "weight": s["weight"]} for n, s in fields["data.sources"].items()}
+    return fields
 
 
 def check_resume(cfg) -> None:

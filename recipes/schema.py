@@ -65,6 +65,9 @@ class ParallelConfig:
 class DataSource:
     prefix: str = MISSING  # indexed dataset path prefix (<prefix>.bin / <prefix>.idx)
     weight: float = 1.0  # sampling share in the blend
+    # Epochs over this source in the reference run (LLaMA table 1); data_prep's mix report warns when
+    # a token budget would repeat the source more. Planning only: training ignores it.
+    epochs: Optional[float] = None
 
 
 @dataclass
