@@ -248,11 +248,10 @@ def main(argv=None) -> int:
 
         print(finetune.__doc__)
         return 0
-    _ensure_launcher_env()
     rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
         cfg = load_recipe(argv)
-        check_finetune(cfg, int(os.environ["WORLD_SIZE"]))
+        check_finetune(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         check_base_model(cfg)
         check_resume(cfg)
         from llama_plugin.finetune.sft_data import read_records
@@ -262,6 +261,7 @@ def main(argv=None) -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    _ensure_launcher_env()
     try:
         summary = run(cfg)
     except (RecipeError, SftDataError) as e:
