@@ -179,6 +179,14 @@ def test_zero_stage_matches_plain_pytorch(ds_runs, full_reference, case):
     assert [r["clipped"] for r in rows] == [n > 1.0 for n in ref_norms]
     # the loss moved: a wrong update would not hide behind a flat curve
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    # and DeepSpeed really ran the stage asked for
+    engine = json.loads((ds_runs[case] / "run_state.json").read_text())["engine"]
+    stage = 3 if case.startswith("zero3") else int(case[-1])
+    assert engine["zero_stage"] == stage and engine["basic_optimizer"] == "AdamW"
+    assert engine["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
+    assert engine["offload_optimizer"] == engine["offload_param"] == (case == "zero3_offload")
+    if stage == 3:  # every parameter is sharded: rank 0 holds about half of the elements
+        assert engine["rank0_parameter_elements"] <= engine["parameter_elements"] // 2 + 64
 
 
 def test_chat_zero2_matches_plain_pytorch(ds_runs, ft_env):
@@ -195,6 +203,10 @@ def test_lora_matches_plain_peft(ds_runs, lora_reference, case):
     diffs = [abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)]
     print(f"{case}: max |loss - plain peft| over {STEPS} steps = {max(diffs):.3e}")
     assert len(rows) == STEPS and max(diffs) <= LOSS_TOL, diffs
+    engine = json.loads((ds_runs[case] / "run_state.json").read_text())["engine"]
+    assert engine["zero_stage"] == int(case[-1])
+    # only the adapters train: r x (in + out) per projection, 7 projections per layer, 2 layers
+    assert engine["trainable_elements"] == 2 * 4 * (4 * (64 + 64) + 2 * (64 + 192) + (192 + 64))
     for r, ref in zip(rows, ref_norms):
         assert r["grad_norm"] == pytest.approx(ref, rel=1e-4)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
@@ -406,3 +418,37 @@ def test_deepspeed_config_is_generated_consistently():
     lora = deepspeed_config(compose("tiny_lora_cpu", [], FinetuneConfig), 2)
     assert lora["optimizer"]["params"]["torch_adam"] is True and not lora["bf16"]["enabled"]
     assert lora["gradient_accumulation_steps"] == 2 and "offload_optimizer" not in lora["zero_optimization"]
+
+
+# ---------------------------------------------------------------- memory estimate
+
+
+def test_memory_estimate_reproduces_the_7b_figures():
+    from llama_plugin.finetune.memory import main, report
+    from recipes import compose
+    from recipes.finetune_schema import FinetuneConfig
+
+    out = report(compose("lora_7b", [], FinetuneConfig), gpus=8)
+    d, f, layers, v = 4096, 11008, 32, 32000
+    P = layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * v * d + d
+    assert out["parameters"] == P == 6_738_415_616  # LLaMA-7B in HF format
+    P_lora = layers * 8 * (4 * (d + d) + 3 * (d + f))
+    assert out["lora_parameters"] == P_lora
+    rows = {r["formula"]: r for r in out["rows_nominal"]}
+    assert rows["16 P"]["gpu_gb"] == pytest.approx(7e9 * 4 * 4 / 1e9) == 112.0  # the notes' 7·4·4 = 112 GB
+    assert rows["4P + 16 P_lora"]["gpu_gb"] == pytest.approx(28.0 + 16 * P_lora / 1e9)  # "about 28 GB"
+    assert 28.0 < rows["4P + 16 P_lora"]["gpu_gb"] < 28.5
+    exact = {r["formula"]: r for r in out["rows"]}
+    assert exact["16P/N"]["gpu_gb"] == pytest.approx(16 * P / 8 / 1e9)
+    assert exact["2P + (2P + 12P)/N"]["gpu_gb"] == pytest.approx((2 * P + 14 * P / 8) / 1e9)
+    assert exact["2P + 2P + 12P/N"]["gpu_gb"] == pytest.approx((4 * P + 12 * P / 8) / 1e9)
+
+
+def test_memory_cli_prints_the_formulas(capsys):
+    from llama_plugin.finetune.memory import main
+
+    assert main(["alpaca_7b", "--gpus", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "P = 6,738,415,616 parameters" in text and "16 P" in text and "4P + 16 P_lora" in text
+    assert " 112.0" in text and "16P/N" in text
+    assert main(["alpaca_7b", "--gpus", "0"]) == 2

@@ -223,13 +223,30 @@ def run(cfg) -> dict:
 
         export = export_hf(engine, cfg, dtype)
     summary = {"run_dir": str(run_dir), "step": step, "total_steps": total, "finished": step >= total,
-               "loss": loss_value, "export_dir": str(export) if export else None}
+               "loss": loss_value, "export_dir": str(export) if export else None, "engine": engine_facts(engine)}
     if rank == 0:
         tmp = run_dir / "run_state.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, run_dir / "run_state.json")
     dist.barrier()
     return summary
+
+
+def engine_facts(engine) -> dict:
+    """What DeepSpeed actually set up (stage, optimizer wrapper, offload, how much of the model this
+    rank holds), for run_state.json."""
+    zero3 = engine.zero_optimization_stage() == 3
+    params = list(engine.module.parameters())
+    return {
+        "zero_stage": engine.zero_optimization_stage(),
+        "optimizer": type(engine.optimizer).__name__,
+        "basic_optimizer": type(engine.basic_optimizer).__name__,
+        "offload_optimizer": bool(engine.zero_cpu_offload()),
+        "offload_param": engine.zero_offload_param() is not None,
+        "parameter_elements": sum(p.ds_numel if zero3 else p.numel() for p in params),
+        "rank0_parameter_elements": sum(p.ds_tensor.numel() if zero3 else p.numel() for p in params),
+        "trainable_elements": sum(p.ds_numel if zero3 else p.numel() for p in params if p.requires_grad),
+    }
 
 
 def _ensure_launcher_env() -> None:
