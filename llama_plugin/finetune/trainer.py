@@ -194,17 +194,20 @@ def run(cfg) -> dict:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         local_sum = torch.zeros((), dtype=torch.float64)
+        plain_norm = None
         for micro in schedule.rank_micro_batches(indices, rank, world, t.micro_batch_size):
             batch = {k: v.to(device) for k, v in collate([data[i] for i in micro]).items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             token_sum = summed_token_loss(logits, batch["labels"])
             engine.backward(token_sum * (gas * world / n_tokens))
+            if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+                plain_norm = _grad_norm(engine.module)  # stage 0 does not report it; grads are reduced here
             engine.step()
             local_sum += token_sum.detach().double().cpu()
         dist.all_reduce(local_sum)
         loss_value = float(local_sum) / n_tokens
         grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        grad_norm = float(grad_norm) if grad_norm is not None else plain_norm
         step += 1
         if step % t.log_interval == 0 or step == stop_at:
             row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
@@ -230,6 +233,11 @@ def run(cfg) -> dict:
         os.replace(tmp, run_dir / "run_state.json")
     dist.barrier()
     return summary
+
+
+def _grad_norm(module) -> float:
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 def engine_facts(engine) -> dict:
@@ -258,8 +266,21 @@ def _ensure_launcher_env() -> None:
                           MASTER_PORT=str(free_port()))
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the environment too)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not a.startswith(("--local_rank=", "--local-rank=")):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         from llama_plugin import finetune
 
