@@ -188,6 +188,7 @@ def test_zero_stage_matches_plain_pytorch(ds_runs, full_reference, case):
     assert engine["zero_stage"] == stage and engine["basic_optimizer"] == "AdamW"
     assert engine["optimizer"] == {0: "AdamW", 3: "DeepSpeedZeroOptimizer_Stage3"}.get(stage, "DeepSpeedZeroOptimizer")
     assert engine["offload_optimizer"] == engine["offload_param"] == (case == "zero3_offload")
+    assert engine["loaded_sharded"] == (stage == 3)  # full fine-tuning under ZeRO-3 never holds the whole model
     if stage == 3:  # every parameter is sharded: rank 0 holds about half of the elements
         assert engine["rank0_parameter_elements"] <= engine["parameter_elements"] // 2 + 64
 

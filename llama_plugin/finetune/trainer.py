@@ -82,9 +82,20 @@ def resume_fields(cfg) -> dict:
     return out
 
 
-def build_model(cfg, dtype):
+_ZERO3_INIT = []  # keeps transformers' HfDeepSpeedConfig alive: it is held by a weak reference
+
+
+def build_model(cfg, dtype, ds_cfg: dict):
+    """The base model; for full fine-tuning under ZeRO-3 it is built and loaded already sharded
+    (deepspeed.zero.Init through transformers), so no process ever holds all of it."""
     from transformers import LlamaForCausalLM
 
+    if cfg.zero.stage == 3 and not cfg.lora.enabled:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _ZERO3_INIT[:] = [HfDeepSpeedConfig(ds_cfg)]
+    else:
+        _ZERO3_INIT.clear()
     model = LlamaForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -101,8 +112,12 @@ def build_model(cfg, dtype):
 def parameter_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on RMSNorm gains); frozen parameters left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+
+    def ndim(p):  # a parameter built under zero.Init is an empty placeholder; ds_shape is its real shape
+        return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+
+    return [{"params": [p for p in trainable if ndim(p) >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if ndim(p) < 2], "weight_decay": 0.0}]
 
 
 def response_tokens(samples: list[dict]) -> int:
@@ -159,8 +174,8 @@ def run(cfg) -> dict:
     total = schedule.total_steps(cfg, len(data))
 
     torch.manual_seed(t.seed)  # LoRA's initial A: the same on every rank
-    model = build_model(cfg, dtype)
     ds_cfg = deepspeed_config(cfg, world)
+    model = build_model(cfg, dtype, ds_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, o.weight_decay),
                                            config=ds_cfg)
     torch.manual_seed(t.seed + 1000 + rank)  # dropout (LoRA) differs per rank
@@ -254,6 +269,7 @@ def engine_facts(engine) -> dict:
         "parameter_elements": sum(p.ds_numel if zero3 else p.numel() for p in params),
         "rank0_parameter_elements": sum(p.ds_tensor.numel() if zero3 else p.numel() for p in params),
         "trainable_elements": sum(p.ds_numel if zero3 else p.numel() for p in params if p.requires_grad),
+        "loaded_sharded": bool(_ZERO3_INIT),  # built and loaded under deepspeed.zero.Init
     }
 
 
