@@ -98,13 +98,12 @@ def build_model(cfg, dtype, ds_cfg: dict):
         _ZERO3_INIT.clear()
     model = LlamaForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: works with frozen embeddings (LoRA) and ZeRO-3's parameter hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled:
         from llama_plugin.finetune.lora import apply_lora
 
-        if cfg.train.gradient_checkpointing:
-            model.enable_input_require_grads()
         model = apply_lora(model, cfg.lora)
     return model
 
