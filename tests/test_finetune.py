@@ -217,6 +217,39 @@ def test_activation_checkpointing_changes_nothing(ds_runs, case, reference, requ
     assert len(rows) == 3 and max(abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)) <= LOSS_TOL
 
 
+def test_sigusr1_checkpoints_stops_and_resumes_exactly(ds_runs, ft_env, tmp_path):
+    """SIGUSR1 to one rank: both stop after the same step with a checkpoint, exit 0; a rerun
+    finishes with the uninterrupted run's numbers."""
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "llama_plugin.finetune", "tiny_alpaca_cpu", *common(ft_env, run_dir), "zero=stage2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "config.yaml").is_file():  # written once the engine is up
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-3000:] if proc.poll() else "timeout"
+        time.sleep(0.02)
+    ranks = [c for c in psutil.Process(proc.pid).children() if "llama_plugin.finetune" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    ranks[-1].send_signal(10)  # SIGUSR1
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert state["stopped"] and not state["finished"] and 1 <= state["step"] < STEPS
+    assert (run_dir / "checkpoints" / f"step_{state['step']:08d}" / "train_state.json").is_file()
+    assert not (run_dir / "hf_export").exists()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def without_time(rows):
+        return [{k: v for k, v in row.items() if k != "step_time_s"} for row in rows]
+
+    assert without_time(metrics(run_dir)) == without_time(metrics(ds_runs["zero2"]))
+    assert json.loads((run_dir / "run_state.json").read_text())["finished"]
+
+
 def test_changed_recipe_refuses_to_resume(ds_runs, ft_env, capsys, monkeypatch):
     from llama_plugin.finetune.trainer import main
 

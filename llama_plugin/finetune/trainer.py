@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,23 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                                              reduction="sum")
 
 
+class StopSignal:
+    """SIGUSR1 / SIGTERM (to any rank) ask for a checkpoint and a clean exit after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 class JsonlLog:
     """metrics.jsonl on rank 0; a resumed run first drops the rows after its checkpoint's step."""
 
@@ -149,6 +167,7 @@ class JsonlLog:
 
 
 def run(cfg) -> dict:
+    stop = StopSignal()
     default_extensions_dir()
     import deepspeed
 
@@ -199,7 +218,7 @@ def run(cfg) -> dict:
     device = engine.device
     engine.train()
     stop_at = min(total, t.exit_at_step) if t.exit_at_step else total
-    step, loss_value = start, None
+    step, loss_value, stopped = start, None, False
     while step < stop_at:
         t0 = time.perf_counter()
         indices = schedule.global_batch_indices(step, len(data), t.global_batch_size, t.seed, cfg.data.shuffle)
@@ -231,15 +250,19 @@ def run(cfg) -> dict:
             if rank == 0:
                 print(f"[finetune] step {step}/{total} loss {loss_value:.6f} lr {lr:.3e} grad_norm {grad_norm}",
                       flush=True)
-        if step % t.save_interval == 0 or step == stop_at:
+        stop_now = stop.agreed(device)
+        if step % t.save_interval == 0 or step == stop_at or stop_now:
             ds_checkpoint.save(engine, ckpt_root, step, {"step": step, "resume_fields": resume_fields(cfg)},
                                t.keep_checkpoints)
+        if stop_now and step < stop_at:
+            stopped = True
+            break
     export = None
     if step >= total:
         from llama_plugin.finetune.export import export_hf
 
         export = export_hf(engine, cfg, dtype)
-    summary = {"run_dir": str(run_dir), "step": step, "total_steps": total, "finished": step >= total,
+    summary = {"run_dir": str(run_dir), "step": step, "total_steps": total, "finished": step >= total, "stopped": stopped,
                "loss": loss_value, "export_dir": str(export) if export else None, "engine": engine_facts(engine)}
     if rank == 0:
         tmp = run_dir / "run_state.json.tmp"
