@@ -1,7 +1,10 @@
 """DeepSpeed fine-tuning: ZeRO 1/2/3 (+ offload) and LoRA against plain PyTorch / plain peft, label
 masking, exact resume, HF export, bad input.
 
-One torchrun launch (2 processes, gloo) runs every DeepSpeed case in sequence (tests/finetune_workers.py);
+One torchrun launch (2 processes, gloo) runs the DeepSpeed cases in sequence (tests/finetune_workers.py;
+the signal test launches its own run twice). DeepSpeed's one compiled op (the shared-memory comm op,
+~60 s to build) is cached under ~/.cache/llama_mcore/torch_extensions, so only the first launch on a
+machine pays for it; the optimizer is torch's AdamW (no FusedAdam / cpu_adam build);
 the references run in this process with plain torch.optim.AdamW, plain clip_grad_norm_ and their
 own loss, data order and lr schedule written from the documented behaviour.
 """
@@ -306,6 +309,12 @@ def test_full_export_loads_in_transformers_with_the_trained_logits(ds_runs, full
         print(f"{case}: max |exported logits - plain torch model logits| = {diff:.3e}")
         assert diff <= 1e-5
     assert (ds_runs["zero3"] / "hf_export" / "tokenizer.model").is_file()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ds_runs["zero3"] / "hf_export"))
+    sp = spm.SentencePieceProcessor(model_file=str(ft_env["tokenizer"]))
+    text = "Below is an instruction that describes a task. Il fait beau."
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
     assert not list(ds_runs["zero3"].glob("*.tmp"))
 
 
@@ -456,7 +465,8 @@ def test_bad_recipe_values_exit_2_naming_the_field(ft_env, override, field, caps
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     extra = ["train.micro_batch_size=4"] if field == "train.global_batch_size" else []
-    code = main(["tiny_alpaca_cpu", f"base_model={ft_env['base']}", *extra, override])
+    code = main(["tiny_alpaca_cpu", f"base_model={ft_env['base']}", f"train.run_dir={ft_env['root'] / 'unused'}",
+                 *extra, override])
     assert code == 2
     assert field in capsys.readouterr().err
 
@@ -467,7 +477,8 @@ def test_malformed_training_file_exits_2(ft_env, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n{oops\n")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main(["tiny_alpaca_cpu", f"base_model={ft_env['base']}", f"data.train_file={bad}"]) == 2
+    assert main(["tiny_alpaca_cpu", f"base_model={ft_env['base']}", f"data.train_file={bad}",
+                 f"train.run_dir={tmp_path / 'run'}"]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
 
 

@@ -46,6 +46,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 def export_hf(engine, cfg, dtype: torch.dtype) -> Path | None:
     """Write cfg.export_dir from the trained engine; returns it on rank 0, None elsewhere."""
     from llama_plugin.finetune.lora import rebuild_with_adapters
+    from llama_plugin.finetune.sft_data import load_tokenizer
 
     lora = cfg.lora.enabled
     state = gathered_parameters(engine, trainable_only=lora)
@@ -62,9 +63,10 @@ def export_hf(engine, cfg, dtype: torch.dtype) -> Path | None:
         else:
             module = engine.module
             module.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()})
-        tokenizer = Path(cfg.data.tokenizer_model)
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        # the training tokenizer beside the weights: HF's files (tokenizer.json, tokenizer_config.json)
+        # and the SentencePiece model itself
+        load_tokenizer(cfg.data.tokenizer_model).save_pretrained(tmp)
+        shutil.copyfile(cfg.data.tokenizer_model, tmp / "tokenizer.model")
         replace_dir(tmp, final)
     dist.barrier()
     return final if dist.get_rank() == 0 else None
