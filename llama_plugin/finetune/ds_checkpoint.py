@@ -59,6 +59,8 @@ def save(engine, root: Path, step: int, train_state: dict, keep: int) -> Path:
         os.replace(tmp, final)
         for _, old in complete(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in Path(root).glob("step_*.tmp"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return final
 
