@@ -84,14 +84,16 @@ def ds_runs(ft_env):
         # stopped after step 4 (checkpoint), then a second run in the same directory resumes it
         {"recipe": full, "overrides": common(ft_env, runs["zero3_resumed"]) + ["zero=stage3", "train.exit_at_step=4"]},
         {"recipe": full, "overrides": common(ft_env, runs["zero3_resumed"]) + ["zero=stage3"]},
-        {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero2"]) + ["zero=stage2", "lora.export=adapter"]},
-        {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero3"]) + ["zero=stage3", "lora.export=merged"]},
+        {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero2"]) + [
+            "zero=stage2", "lora.export=adapter", f"optimizer.clip_grad={LORA_CLIP}"]},
+        {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero3"]) + [
+            "zero=stage3", "lora.export=merged", f"optimizer.clip_grad={LORA_CLIP}"]},
         {"recipe": "tiny_chat_cpu", "overrides": common(ft_env, runs["chat_zero2"]) + ["zero=stage2", "train.max_steps=4"]},
         # the 7B recipes' activation checkpointing, under ZeRO-3 and with LoRA
         {"recipe": full, "overrides": common(ft_env, runs["zero3_ckpt"]) + ["zero=stage3", "train.max_steps=3",
                                                                             "train.gradient_checkpointing=true"]},
         {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero2_ckpt"]) + [
-            "zero=stage2", "train.max_steps=3", "train.gradient_checkpointing=true"]},
+            "zero=stage2", "train.max_steps=3", "train.gradient_checkpointing=true", f"optimizer.clip_grad={LORA_CLIP}"]},
     ]
     launch(cases, root)
     return runs
@@ -164,12 +166,14 @@ def full_reference(ft_env):
     return reference_run(ft_env["base"], ft_env["tokenizer"], ALPACA, "alpaca", 256, STEPS, lr=1e-3)
 
 
+LORA_CLIP = 0.25  # the adapters' gradient norm is 0.17-0.4 here: clipping active on most steps
 LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 @pytest.fixture(scope="module")
 def lora_reference(ft_env):
-    return reference_run(ft_env["base"], ft_env["tokenizer"], ALPACA, "alpaca", 256, STEPS, lr=1e-2, lora=LORA)
+    return reference_run(ft_env["base"], ft_env["tokenizer"], ALPACA, "alpaca", 256, STEPS, lr=1e-2, lora=LORA,
+                         clip=LORA_CLIP)
 
 
 # ---------------------------------------------------------------- equivalence
@@ -281,6 +285,7 @@ def test_lora_matches_plain_peft(ds_runs, lora_reference, case):
     assert engine["trainable_elements"] == 2 * 4 * (4 * (64 + 64) + 2 * (64 + 192) + (192 + 64))
     for r, ref in zip(rows, ref_norms):
         assert r["grad_norm"] == pytest.approx(ref, rel=1e-4)
+    assert [r["clipped"] for r in rows] == [n > LORA_CLIP for n in ref_norms] and sum(r["clipped"] for r in rows) >= 3
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
 
 
