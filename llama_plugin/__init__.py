@@ -13,6 +13,7 @@ Modules (one concept each):
   generate.py    python -m llama_plugin.generate
   describe.py    python -m llama_plugin.describe (exact parameter count, FLOPs per token)
   flops.py       FLOPs per token (PaLM's formula), for MFU
+  finetune/      DeepSpeed fine-tuning of HF-format LLaMA: Alpaca, chat, LoRA, ZeRO 1/2/3 (its README.md)
 """
 
 import warnings

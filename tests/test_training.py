@@ -226,8 +226,8 @@ def test_sigusr1_checkpoints_stops_and_resumes_exactly(demo_data, uninterrupted,
 
 
 def test_training_starts_from_converted_hf_weights(demo_data, tmp_path):
-    """train.load (continued pretraining from an imported HF LLaMA): the first step's loss equals
-    Hugging Face's loss on the same global batch."""
+    """Continued pre-training (recipe tiny_continued_cpu: train.load = an imported HF LLaMA): the
+    first step's loss equals Hugging Face's loss on the same global batch."""
     from llama_plugin.convert import hf_to_mcore
     from llama_plugin.data import build_datasets
     from tests.conftest import make_hf_llama
@@ -235,10 +235,12 @@ def test_training_starts_from_converted_hf_weights(demo_data, tmp_path):
     hf_model = make_hf_llama(tmp_path / "hf", num_layers=4, vocab=1024, hidden=128, intermediate=512, seed=5)
     hf_to_mcore(tmp_path / "hf", tmp_path / "mcore")
     run_dir = tmp_path / "run"
-    run(demo_data, run_dir, f"train.load={tmp_path / 'mcore'}", "train.steps=2", "optimizer.warmup_steps=1")
+    r = torchrun(["tiny_continued_cpu", *SHORT[1:], f"train.run_dir={run_dir}", f"train.load={tmp_path / 'mcore'}",
+                  "train.steps=2", "optimizer.warmup_steps=1"], {"DEMO_DATA": str(demo_data)})
+    assert r.returncode == 0, r.stderr[-4000:]
     first_loss = losses(run_dir)[0][1]
 
-    cfg = compose("tiny_cpu", [f"train.run_dir={run_dir}"], RecipeConfig)
+    cfg = compose("tiny_continued_cpu", [f"train.run_dir={run_dir}"], RecipeConfig)
     data_cfg = OmegaConf.merge(cfg.data, {"tokenizer_model": str(demo_data / "tokenizer.model"),
                                           "sources": {"books": {"prefix": str(demo_data / "books_text_document")}}})
     train_ds, _, _ = build_datasets(data_cfg, 128, cfg.train.seed, 2 * 8, 2 * 8, str(tmp_path / "cache"))

@@ -1,0 +1,539 @@
+"""DeepSpeed fine-tuning: ZeRO 1/2/3 (+ offload) and LoRA against plain PyTorch / plain peft, label
+masking, exact resume, HF export, bad input.
+
+One torchrun launch (2 processes, gloo) runs the DeepSpeed cases in sequence (tests/finetune_workers.py;
+the signal test launches its own run twice). DeepSpeed's one compiled op (the shared-memory comm op,
+~60 s to build) is cached under ~/.cache/llama_mcore/torch_extensions, so only the first launch on a
+machine pays for it; the optimizer is torch's AdamW (no FusedAdam / cpu_adam build);
+the references run in this process with plain torch.optim.AdamW, plain clip_grad_norm_ and their
+own loss, data order and lr schedule written from the documented behaviour.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors.torch import load_file
+
+from llama_plugin.distributed import free_port
+from llama_plugin.finetune.sft_data import (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, SftDataError,
+                                            load_tokenizer, read_records, tokenize_record)
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPACA = ROOT / "tests" / "fixtures" / "alpaca_tiny.json"
+CHAT = ROOT / "tests" / "fixtures" / "chat_tiny.jsonl"
+STEPS = 10
+LOSS_TOL = 1e-5  # fp32 losses of a 2-process DeepSpeed run vs one plain process (summation order only)
+
+
+def make_base(path: Path, seed: int = 3) -> Path:
+    """A random tiny HF LLaMA with the shapes of recipes/model/tiny_hf.yaml."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ft_env(demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    return {"root": root, "base": make_base(root / "base"), "tokenizer": demo_data / "tokenizer.model"}
+
+
+def common(env, run_dir):
+    return [f"base_model={env['base']}", f"data.tokenizer_model={env['tokenizer']}", f"train.run_dir={run_dir}",
+            f"train.max_steps={STEPS}", "optimizer.clip_grad=1.0", "optimizer.weight_decay=0.1",
+            "train.save_interval=100", "zero.param_persistence_threshold=0"]
+
+
+def launch(cases: list, tmp: Path, timeout=900):
+    spec = tmp / "cases.json"
+    spec.write_text(json.dumps(cases))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "tests.finetune_workers", str(spec)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def ds_runs(ft_env):
+    """Every DeepSpeed case, in one 2-process world; returns {case: run_dir}."""
+    root = ft_env["root"]
+    runs = {n: root / n for n in ("zero0", "zero2_bf16", "zero1", "zero2", "zero3", "zero3_offload", "zero3_resumed", "lora_zero2",
+                                  "lora_zero3", "chat_zero2", "zero3_ckpt", "lora_zero2_ckpt")}
+    full = "tiny_alpaca_cpu"
+    cases = [
+        {"recipe": full, "overrides": common(ft_env, runs["zero0"]) + ["zero.stage=0"]},
+        {"recipe": full, "overrides": common(ft_env, runs["zero2_bf16"]) + ["zero=stage2", "train.precision=bf16",
+                                                                              "train.max_steps=4"]},
+        {"recipe": full, "overrides": common(ft_env, runs["zero1"]) + ["zero=stage1"]},
+        {"recipe": full, "overrides": common(ft_env, runs["zero2"]) + ["zero=stage2"]},
+        {"recipe": full, "overrides": common(ft_env, runs["zero3"]) + ["zero=stage3"]},
+        {"recipe": full, "overrides": common(ft_env, runs["zero3_offload"]) + ["zero=stage3_offload"]},
+        # stopped after step 4 (checkpoint), then a second run in the same directory resumes it
+        {"recipe": full, "overrides": common(ft_env, runs["zero3_resumed"]) + ["zero=stage3", "train.exit_at_step=4"]},
+        {"recipe": full, "overrides": common(ft_env, runs["zero3_resumed"]) + ["zero=stage3"]},
+        {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero2"]) + [
+            "zero=stage2", "lora.export=adapter", f"optimizer.clip_grad={LORA_CLIP}"]},
+        {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero3"]) + [
+            "zero=stage3", "lora.export=merged", f"optimizer.clip_grad={LORA_CLIP}"]},
+        {"recipe": "tiny_chat_cpu", "overrides": common(ft_env, runs["chat_zero2"]) + ["zero=stage2", "train.max_steps=4"]},
+        # the 7B recipes' activation checkpointing, under ZeRO-3 and with LoRA
+        {"recipe": full, "overrides": common(ft_env, runs["zero3_ckpt"]) + ["zero=stage3", "train.max_steps=3",
+                                                                            "train.gradient_checkpointing=true"]},
+        {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero2_ckpt"]) + [
+            "zero=stage2", "train.max_steps=3", "train.gradient_checkpointing=true", f"optimizer.clip_grad={LORA_CLIP}"]},
+    ]
+    launch(cases, root)
+    return runs
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- the plain references
+
+
+def lr_closed_form(step, peak, total, warmup_ratio):
+    warm = math.ceil(total * warmup_ratio)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+
+
+def reference_run(base, tokenizer, data_file, fmt, max_length, steps, lr, lora=None, seed=42, global_batch=4,
+                  epochs=3, warmup_ratio=0.1, weight_decay=0.1, clip=1.0):
+    """One process, no DeepSpeed: the whole global batch in one forward, torch AdamW, clip_grad_norm_."""
+    from transformers import LlamaForCausalLM
+
+    tok = load_tokenizer(tokenizer)
+    samples = [tokenize_record(r, tok, max_length) for r in read_records(data_file, fmt)]
+    per_epoch = len(samples) // global_batch
+    total = min(steps, epochs * per_epoch)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                                 target_modules=lora["targets"], task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    losses, norms = [], []
+    for step in range(total):
+        epoch, b = divmod(step, per_epoch)
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed + epoch))
+        batch = [samples[i] for i in order[b * global_batch:(b + 1) * global_batch].tolist()]
+        length = max(len(s["input_ids"]) for s in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        labels = torch.full((len(batch), length), -100)
+        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        for row, s in enumerate(batch):
+            ids[row, :len(s["input_ids"])] = torch.tensor(s["input_ids"])
+            labels[row, :len(s["labels"])] = torch.tensor(s["labels"])
+            mask[row, :len(s["input_ids"])] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        target = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+        loss = nll / (target != -100).sum()
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+        for g in opt.param_groups:
+            g["lr"] = lr_closed_form(step, lr, total, warmup_ratio)
+        opt.step()
+        losses.append(loss.item())
+    return model.eval(), losses, norms
+
+
+@pytest.fixture(scope="module")
+def full_reference(ft_env):
+    return reference_run(ft_env["base"], ft_env["tokenizer"], ALPACA, "alpaca", 256, STEPS, lr=1e-3)
+
+
+LORA_CLIP = 0.25  # the adapters' gradient norm is 0.17-0.4 here: clipping active on most steps
+LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+@pytest.fixture(scope="module")
+def lora_reference(ft_env):
+    return reference_run(ft_env["base"], ft_env["tokenizer"], ALPACA, "alpaca", 256, STEPS, lr=1e-2, lora=LORA,
+                         clip=LORA_CLIP)
+
+
+# ---------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("case", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
+def test_zero_stage_matches_plain_pytorch(ds_runs, full_reference, case):
+    _, ref_losses, ref_norms = full_reference
+    rows = metrics(ds_runs[case])
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    diffs = [abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)]
+    print(f"{case}: max |loss - plain torch| over {STEPS} steps = {max(diffs):.3e}")
+    assert max(diffs) <= LOSS_TOL, diffs
+    for r, ref in zip(rows, ref_norms):
+        assert r["grad_norm"] == pytest.approx(ref, rel=1e-4)
+    # clipping was active (norm above clip 1.0) on most steps, in DeepSpeed and in the reference alike
+    assert sum(r["clipped"] for r in rows) >= STEPS // 2
+    assert [r["clipped"] for r in rows] == [n > 1.0 for n in ref_norms]
+    # the loss moved: a wrong update would not hide behind a flat curve
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    # and DeepSpeed really ran the stage asked for
+    engine = json.loads((ds_runs[case] / "run_state.json").read_text())["engine"]
+    stage = 3 if case.startswith("zero3") else int(case[-1])
+    assert engine["zero_stage"] == stage and engine["basic_optimizer"] == "AdamW"
+    assert engine["optimizer"] == {0: "AdamW", 3: "DeepSpeedZeroOptimizer_Stage3"}.get(stage, "DeepSpeedZeroOptimizer")
+    assert engine["offload_optimizer"] == engine["offload_param"] == (case == "zero3_offload")
+    assert engine["loaded_sharded"] == (stage == 3)  # full fine-tuning under ZeRO-3 never holds the whole model
+    if stage == 3:  # every parameter is sharded: rank 0 holds about half of the elements
+        assert engine["rank0_parameter_elements"] <= engine["parameter_elements"] // 2 + 64
+
+
+def test_bf16_run_tracks_the_fp32_reference(ds_runs, full_reference):
+    """bf16 weights and activations (fp32 master weights in the optimizer): the same curve within
+    bf16's resolution (8 bits of mantissa: ~0.4% of a loss near 6.9)."""
+    rows = metrics(ds_runs["zero2_bf16"])
+    assert len(rows) == 4
+    diffs = [abs(r["loss"] - ref) for r, ref in zip(rows, full_reference[1])]
+    print(f"zero2 bf16: max |loss - fp32 plain torch| over 4 steps = {max(diffs):.3e}")
+    assert max(diffs) <= 0.05
+    exported = load_file(ds_runs["zero2_bf16"] / "hf_export" / "model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("case,reference", [("zero3_ckpt", "full_reference"), ("lora_zero2_ckpt", "lora_reference")])
+def test_activation_checkpointing_changes_nothing(ds_runs, case, reference, request):
+    ref_losses = request.getfixturevalue(reference)[1]
+    rows = metrics(ds_runs[case])
+    assert len(rows) == 3 and max(abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)) <= LOSS_TOL
+
+
+def test_sigusr1_checkpoints_stops_and_resumes_exactly(ds_runs, ft_env, tmp_path):
+    """SIGUSR1 to one rank: both stop after the same step with a checkpoint, exit 0; a rerun
+    finishes with the uninterrupted run's numbers."""
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "llama_plugin.finetune", "tiny_alpaca_cpu", *common(ft_env, run_dir), "zero=stage2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "config.yaml").is_file():  # written once the engine is up
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-3000:] if proc.poll() else "timeout"
+        time.sleep(0.02)
+    ranks = [c for c in psutil.Process(proc.pid).children() if "llama_plugin.finetune" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    ranks[-1].send_signal(10)  # SIGUSR1
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert state["stopped"] and not state["finished"] and 1 <= state["step"] < STEPS
+    assert (run_dir / "checkpoints" / f"step_{state['step']:08d}" / "train_state.json").is_file()
+    assert not (run_dir / "hf_export").exists()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def without_time(rows):
+        return [{k: v for k, v in row.items() if k != "step_time_s"} for row in rows]
+
+    assert without_time(metrics(run_dir)) == without_time(metrics(ds_runs["zero2"]))
+    assert json.loads((run_dir / "run_state.json").read_text())["finished"]
+
+
+def test_changed_recipe_refuses_to_resume(ds_runs, ft_env, capsys, monkeypatch):
+    from llama_plugin.finetune.trainer import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["tiny_alpaca_cpu", *common(ft_env, ds_runs["zero3_resumed"]), "zero=stage3", "optimizer.lr=5e-4"])
+    assert code == 2 and "optimizer.lr" in capsys.readouterr().err
+
+
+def test_chat_zero2_matches_plain_pytorch(ds_runs, ft_env):
+    _, ref_losses, _ = reference_run(ft_env["base"], ft_env["tokenizer"], CHAT, "chat", 160, 4, lr=1e-3)
+    rows = metrics(ds_runs["chat_zero2"])
+    assert len(rows) == 4
+    assert max(abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)) <= LOSS_TOL
+
+
+@pytest.mark.parametrize("case", ["lora_zero2", "lora_zero3"])
+def test_lora_matches_plain_peft(ds_runs, lora_reference, case):
+    _, ref_losses, ref_norms = lora_reference
+    rows = metrics(ds_runs[case])
+    diffs = [abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)]
+    print(f"{case}: max |loss - plain peft| over {STEPS} steps = {max(diffs):.3e}")
+    assert len(rows) == STEPS and max(diffs) <= LOSS_TOL, diffs
+    engine = json.loads((ds_runs[case] / "run_state.json").read_text())["engine"]
+    assert engine["zero_stage"] == int(case[-1])
+    # only the adapters train: r x (in + out) per projection, 7 projections per layer, 2 layers
+    assert engine["trainable_elements"] == 2 * 4 * (4 * (64 + 64) + 2 * (64 + 192) + (192 + 64))
+    for r, ref in zip(rows, ref_norms):
+        assert r["grad_norm"] == pytest.approx(ref, rel=1e-4)
+    assert [r["clipped"] for r in rows] == [n > LORA_CLIP for n in ref_norms] and sum(r["clipped"] for r in rows) >= 3
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+
+
+def test_resume_from_deepspeed_checkpoint_is_bitwise_equal(ds_runs):
+    resumed = ds_runs["zero3_resumed"]
+    assert json.loads((resumed / "checkpoints" / "step_00000004" / "train_state.json").read_text())["step"] == 4
+    def without_time(rows):
+        return [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]
+
+    # losses, grad norms, lr, clipping of steps 5..10 after the restart equal the uninterrupted run's
+    assert without_time(metrics(resumed)) == without_time(metrics(ds_runs["zero3"]))
+    assert len(metrics(resumed)) == STEPS
+    assert "resumed_from_step: 4" in (resumed / "config.yaml").read_text()
+
+
+def test_full_export_loads_in_transformers_with_the_trained_logits(ds_runs, full_reference, ft_env):
+    """ZeRO-3's shards gathered into a plain HF folder: same logits as the model trained in plain torch."""
+    from transformers import LlamaForCausalLM
+
+    ref_model = full_reference[0]
+    for case in ("zero2", "zero3"):
+        exported = LlamaForCausalLM.from_pretrained(str(ds_runs[case] / "hf_export"), dtype=torch.float32).eval()
+        ids = torch.tensor([[1, 5, 77, 300, 901, 12, 2]])
+        with torch.no_grad():
+            diff = (exported(ids).logits - ref_model(ids).logits).abs().max().item()
+        print(f"{case}: max |exported logits - plain torch model logits| = {diff:.3e}")
+        assert diff <= 1e-5
+    assert (ds_runs["zero3"] / "hf_export" / "tokenizer.model").is_file()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ds_runs["zero3"] / "hf_export"))
+    sp = spm.SentencePieceProcessor(model_file=str(ft_env["tokenizer"]))
+    text = "Below is an instruction that describes a task. Il fait beau."
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    assert not list(ds_runs["zero3"].glob("*.tmp"))
+
+
+def test_lora_merged_export_is_base_plus_scaled_BA(ds_runs, lora_reference, ft_env):
+    """Merged weights = W + (alpha / r) B A, computed by hand from the plain peft run's adapters."""
+    ref_model = lora_reference[0]
+    merged = load_file(ds_runs["lora_zero3"] / "hf_export" / "model.safetensors")
+    base = load_file(ft_env["base"] / "model.safetensors")
+    ref = dict(ref_model.named_parameters())
+    scale = LORA["alpha"] / LORA["r"]
+    checked = 0
+    for name, w in base.items():
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in LORA["targets"]:
+            a = ref[f"base_model.model.{module}.lora_A.default.weight"].detach()
+            b = ref[f"base_model.model.{module}.lora_B.default.weight"].detach()
+            assert (b @ a).abs().max() > 1e-4  # the adapters really moved
+            torch.testing.assert_close(merged[name], w + scale * (b @ a), atol=1e-5, rtol=0)
+            checked += 1
+        else:
+            assert torch.equal(merged[name], w), name  # frozen weights untouched
+    assert checked == 2 * 7
+
+
+def test_lora_adapter_export_loads_with_peft(ds_runs, lora_reference, ft_env):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    folder = ds_runs["lora_zero2"] / "hf_export"
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(ft_env["base"]), dtype=torch.float32),
+                                      str(folder)).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 500, 2]])
+    with torch.no_grad():
+        diff = (model(ids).logits - lora_reference[0](ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+# ---------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def sp_and_tok(demo_data):
+    return (spm.SentencePieceProcessor(model_file=str(demo_data / "tokenizer.model")),
+            load_tokenizer(demo_data / "tokenizer.model"))
+
+
+def test_tokenizer_ids_equal_sentencepiece(sp_and_tok):
+    sp, tok = sp_and_tok
+    for record in read_records(ALPACA, "alpaca") + read_records(CHAT, "chat"):
+        for text, _ in record.segments:
+            assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+
+
+def test_alpaca_labels_cover_exactly_the_response(sp_and_tok):
+    """Record 2 of the fixture has an input: the template with input; loss on output + </s> only."""
+    sp, tok = sp_and_tok
+    raw = json.loads(ALPACA.read_text())[2]
+    record = read_records(ALPACA, "alpaca")[2]
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+              "Write a response that appropriately completes the request.\n\n"
+              f"### Instruction:\n{raw['instruction']}\n\n### Input:\n{raw['input']}\n\n### Response:")
+    assert record.segments == ((prompt, False), (raw["output"], True))
+    sample = tokenize_record(record, tok, 10_000)
+    prompt_ids, output_ids = sp.encode(prompt), sp.encode(raw["output"])
+    assert sample["input_ids"] == [1] + prompt_ids + output_ids + [2]
+    loss_positions = [i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX]
+    first = 1 + len(prompt_ids)
+    assert loss_positions == list(range(first, first + len(output_ids) + 1))
+    assert [sample["labels"][i] for i in loss_positions] == output_ids + [2]
+    assert sp.decode([sample["labels"][i] for i in loss_positions[:-1]]) == "Il fait beau aujourd'hui."
+    # a record without input uses the other template
+    assert read_records(ALPACA, "alpaca")[0].segments[0][0] == ALPACA_PROMPT_NO_INPUT.format(
+        instruction="Give three tips for staying healthy.")
+    assert "paired with an input" in ALPACA_PROMPT_WITH_INPUT and "paired" not in ALPACA_PROMPT_NO_INPUT
+
+
+def test_chat_loss_only_on_assistant_turns(sp_and_tok):
+    sp, tok = sp_and_tok
+    record = read_records(CHAT, "chat")[2]  # two user turns, two assistant turns
+    sample = tokenize_record(record, tok, 10_000)
+    ids, labels = sample["input_ids"], sample["labels"]
+    runs, current = [], []
+    for i, label in enumerate(labels):
+        if label != IGNORE_INDEX:
+            assert label == ids[i]
+            current.append(label)
+        elif current:
+            runs.append(current)
+            current = []
+    runs.append(current) if current else None
+    assert [sp.decode(r[:-1]) for r in runs] == ["The capital of Japan is Tokyo.", "Rome."]
+    assert all(r[-1] == 2 for r in runs)
+    user = sp.encode("USER: What is the capital of Japan? ASSISTANT:")
+    assert ids[1:1 + len(user)] == user and set(labels[:1 + len(user)]) == {IGNORE_INDEX}
+
+
+def test_truncation_keeps_labels_aligned(sp_and_tok):
+    _, tok = sp_and_tok
+    record = read_records(ALPACA, "alpaca")[4]
+    full = tokenize_record(record, tok, 10_000)
+    cut = tokenize_record(record, tok, len(full["input_ids"]) - 7)
+    n = len(cut["input_ids"])
+    assert n == len(cut["labels"]) == len(full["input_ids"]) - 7
+    assert cut["input_ids"] == full["input_ids"][:n] and cut["labels"] == full["labels"][:n]
+    assert 2 not in cut["labels"]  # the EOS was cut off with the end of the response
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    bad.write_text(good + "\n" + good + "\n" + '{"messages": [{"role": "user", "content": "hi"}\n')
+    with pytest.raises(SftDataError, match=rf"{bad}:3: not valid JSON"):
+        read_records(bad, "chat")
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    bad = tmp_path / "alpaca.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n\n" + json.dumps({"instruction": "c"}) + "\n")
+    with pytest.raises(SftDataError, match=rf"{bad}:3: field 'output' missing"):
+        read_records(bad, "alpaca")
+    array = tmp_path / "alpaca.json"
+    array.write_text('[\n {"instruction": "a", "output": "b"},\n {"output": "d"}\n]\n')
+    with pytest.raises(SftDataError, match=rf"{array}:3 \(record 1\): field 'instruction' missing"):
+        read_records(array, "alpaca")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(SftDataError, match=rf"{chat}:1: messages\[0\]: field 'role' is 'assistant'"):
+        read_records(chat, "chat")
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.global_batch_size=6", "train.global_batch_size"),  # not divisible by micro-batch 4 x world 1
+    ("zero.stage=4", "zero.stage"),
+    ("zero.offload_param=true", "zero.offload_param"),
+    ("lora.r=0", "lora.r"),
+    ("data.format=xml", "data.format"),
+    ("optimizer.warmup_ratio=1.5", "optimizer.warmup_ratio"),
+    ("+zero.no_such_knob=1", "no_such_knob"),
+    ("model.hidden_size=128", "model.hidden_size"),
+])
+def test_bad_recipe_values_exit_2_naming_the_field(ft_env, override, field, capsys, monkeypatch):
+    from llama_plugin.finetune.trainer import main
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    extra = ["train.micro_batch_size=4"] if field == "train.global_batch_size" else []
+    code = main(["tiny_alpaca_cpu", f"base_model={ft_env['base']}", f"train.run_dir={ft_env['root'] / 'unused'}",
+                 *extra, override])
+    assert code == 2
+    assert field in capsys.readouterr().err
+
+
+def test_malformed_training_file_exits_2(ft_env, tmp_path, capsys, monkeypatch):
+    from llama_plugin.finetune.trainer import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n{oops\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["tiny_alpaca_cpu", f"base_model={ft_env['base']}", f"data.train_file={bad}",
+                 f"train.run_dir={tmp_path / 'run'}"]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+
+
+def test_deepspeed_config_is_generated_consistently():
+    from llama_plugin.finetune.ds_config import deepspeed_config
+    from recipes import compose
+    from recipes.finetune_schema import FinetuneConfig
+
+    cfg = compose("alpaca_7b", ["zero=stage3_offload"], FinetuneConfig)
+    ds = deepspeed_config(cfg, 8)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (128, 4, 4)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    assert ds["gradient_clipping"] == 1.0
+    lora = deepspeed_config(compose("tiny_lora_cpu", [], FinetuneConfig), 2)
+    assert lora["optimizer"]["params"]["torch_adam"] is True and not lora["bf16"]["enabled"]
+    assert lora["gradient_accumulation_steps"] == 2 and "offload_optimizer" not in lora["zero_optimization"]
+
+
+# ---------------------------------------------------------------- memory estimate
+
+
+def test_memory_estimate_reproduces_the_7b_figures():
+    from llama_plugin.finetune.memory import main, report
+    from recipes import compose
+    from recipes.finetune_schema import FinetuneConfig
+
+    out = report(compose("lora_7b", [], FinetuneConfig), gpus=8)
+    d, f, layers, v = 4096, 11008, 32, 32000
+    P = layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * v * d + d
+    assert out["parameters"] == P == 6_738_415_616  # LLaMA-7B in HF format
+    P_lora = layers * 8 * (4 * (d + d) + 3 * (d + f))
+    assert out["lora_parameters"] == P_lora
+    rows = {r["formula"]: r for r in out["rows_nominal"]}
+    assert rows["16 P"]["gpu_gb"] == pytest.approx(7e9 * 4 * 4 / 1e9) == 112.0  # the notes' 7·4·4 = 112 GB
+    assert rows["4P + 16 P_lora"]["gpu_gb"] == pytest.approx(28.0 + 16 * P_lora / 1e9)  # "about 28 GB"
+    assert 28.0 < rows["4P + 16 P_lora"]["gpu_gb"] < 28.5
+    exact = {r["formula"]: r for r in out["rows"]}
+    assert exact["16P/N"]["gpu_gb"] == pytest.approx(16 * P / 8 / 1e9)
+    assert exact["2P + (2P + 12P)/N"]["gpu_gb"] == pytest.approx((2 * P + 14 * P / 8) / 1e9)
+    assert exact["2P + 2P + 12P/N"]["gpu_gb"] == pytest.approx((4 * P + 12 * P / 8) / 1e9)
+
+
+def test_memory_cli_prints_the_formulas(capsys):
+    from llama_plugin.finetune.memory import main
+
+    assert main(["alpaca_7b", "--gpus", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "P = 6,738,415,616 parameters" in text and "16 P" in text and "4P + 16 P_lora" in text
+    assert " 112.0" in text and "16P/N" in text
+    assert main(["alpaca_7b", "--gpus", "0"]) == 2
