@@ -32,14 +32,12 @@ from llama_plugin.data import build_datasets, check_data_files, micro_batches, s
 from llama_plugin.distributed import device, init_distributed, shutdown
 from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.metrics_log import MetricsLog, format_line
+from llama_plugin.run_files import FINISHED_MARKER, RUN_STATE, STOP_FILE
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
 from llama_plugin.train_step import build_optimizer, eval_loss, train_step, wrap_ddp
 from recipes import RecipeError, compose, load_file
 from recipes.schema import RecipeConfig
 
-RUN_STATE = "run_state.json"
-FINISHED_MARKER = "FINISHED"  # in the run directory once the last step is done (schedulers stop on it)
-STOP_FILE = "STOP"  # created in the run directory: checkpoint after the current step and exit
 _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from recipes.schema import ModelConfig
+from recipes.schema import ClusterConfig, ModelConfig
 
 
 @dataclass
@@ -95,6 +95,8 @@ class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     export_dir: str = "${train.run_dir}/hf_export"  # the final HF folder
+    # Where slurm.launch sends it; a direct torchrun ignores it. Default: this machine.
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(name="local", nodes=1, gpus_per_node=2))
 
 
 _CHOICES = {

@@ -2,7 +2,8 @@
 
     python -m slurm.launch <recipe> [hydra overrides] [--dry-run]
 
-Composes the recipe (same tree and overrides as `python -m llama_plugin.train`), checks the
+Composes the recipe (same tree and overrides as `python -m llama_plugin.train`, or as
+`python -m llama_plugin.finetune` for a fine-tuning recipe, which then runs instead), checks the
 parallel layout against the allocation (tensor * pipeline * data == cluster.nodes *
 cluster.gpus_per_node, tensor parallelism within a node, batch sizes), writes
 <run_dir>/slurm/recipe.yaml (the composed recipe the job trains from) and
@@ -20,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from llama_plugin.layout import resolve
-from recipes import RecipeError, compose
+from recipes import RECIPES_DIR, RecipeError, compose
 from recipes.schema import RecipeConfig
 from slurm.render import render
 
@@ -54,10 +55,39 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def is_finetune_recipe(recipe: str) -> bool:
+    """Fine-tuning recipes (llama_plugin.finetune) list `finetune_schema` in their defaults."""
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        return False  # compose reports the unknown recipe
+    defaults = OmegaConf.load(path).get("defaults", [])
+    return "finetune_schema" in [d for d in defaults if isinstance(d, str)]
+
+
+def check_finetune_allocation(cfg) -> dict:
+    """Fine-tuning is data parallel (DeepSpeed ZeRO): the global batch must split over the world."""
+    from recipes.finetune_schema import check_finetune
+
+    world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    try:
+        check_finetune(cfg, world)
+    except RecipeError as e:
+        raise RecipeError(f"{e} (world size = cluster.nodes * cluster.gpus_per_node = {cfg.cluster.nodes} * "
+                          f"{cfg.cluster.gpus_per_node})") from None
+    return {"world_size": world, "tensor": 1, "pipeline": 1, "data": world, "notes": []}
+
+
 def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
     """(script path, script text, layout) with the files written; nothing submitted."""
-    cfg = compose(recipe, overrides, RecipeConfig)
-    layout = check_allocation(cfg)
+    finetune = is_finetune_recipe(recipe)
+    if finetune:
+        from recipes.finetune_schema import FinetuneConfig
+
+        cfg = compose(recipe, overrides, FinetuneConfig)
+        layout = check_finetune_allocation(cfg)
+    else:
+        cfg = compose(recipe, overrides, RecipeConfig)
+        layout = check_allocation(cfg)
     cwd = Path.cwd() if cwd is None else cwd
     workdir = Path(cfg.cluster.workdir or cwd).absolute()
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -66,7 +96,8 @@ def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
     cfg.train.run_dir = str(run_dir)
     slurm_dir = run_dir / "slurm"
     recipe_file, script_file = slurm_dir / "recipe.yaml", slurm_dir / "job.sbatch"
-    text = render(cfg, run_dir, recipe_file, script_file, workdir)
+    text = render(cfg, run_dir, recipe_file, script_file, workdir,
+                  "llama_plugin.finetune" if finetune else "llama_plugin.train")
     slurm_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(recipe_file, OmegaConf.to_yaml(cfg))
     _write_atomic(script_file, text, 0o755)

@@ -17,7 +17,7 @@ import re
 import shlex
 from pathlib import Path
 
-from llama_plugin.train import FINISHED_MARKER, STOP_FILE
+from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE
 from recipes import RecipeError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +56,13 @@ def _task_command(c) -> str:
             ' --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE"'
             ' --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$RDZV_PORT"'
             f' --rdzv_conf="is_host={is_host}" --max_restarts=0'
-            ' -m llama_plugin.train --config "$RECIPE_FILE"')
+            ' -m "$TRAIN_MODULE" --config "$RECIPE_FILE"')
 
 
-def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Path) -> str:
-    """The sbatch script text for a validated recipe (paths absolute)."""
+def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Path,
+           module: str = "llama_plugin.train") -> str:
+    """The sbatch script text for a validated recipe (paths absolute); `module` trains from it
+    (`llama_plugin.train`, or `llama_plugin.finetune` for a fine-tuning recipe)."""
     c = cfg.cluster
     if not _TIME.match(c.time_limit):
         raise RecipeError(f"cluster.time_limit: {c.time_limit!r} is not [D-]HH:MM:SS, MM:SS or minutes")
@@ -114,6 +116,7 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
         "WORKDIR": sh("cluster.workdir", str(workdir)),
         "PROJECT_ROOT": sh("project root", str(PROJECT_ROOT)),
         "NPROC_PER_NODE": str(int(c.gpus_per_node)),
+        "TRAIN_MODULE": sh("module", module),
         "RDZV_PORT": str(int(c.rdzv_port)),
         "THREADS_PER_PROCESS": str(max(1, c.cpus_per_node // c.gpus_per_node)),
         "MAX_RESTARTS": str(int(c.max_restarts)),
@@ -149,6 +152,7 @@ RESTARTS=${SLURM_RESTART_COUNT:-0}
 CHAIN_INDEX=${LLAMA_CHAIN_INDEX:-1}
 # Read by every task (srun passes the environment on).
 export RECIPE_FILE=@RECIPE_FILE@
+export TRAIN_MODULE=@TRAIN_MODULE@
 export NPROC_PER_NODE=@NPROC_PER_NODE@
 export RDZV_PORT=@RDZV_PORT@
 # CPU threads per training process unless the cluster's env sets it (torchrun's default is 1).

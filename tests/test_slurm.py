@@ -310,3 +310,35 @@ def test_65b_paper_script_on_a_fake_256_node_8_gpu_cluster(slurm, tmp_path):
     assert envs == {("0,1,2,3,4,5,6,7", "node1", "16")}
     saved = (run_dir / "slurm" / "recipe.yaml").read_text()
     assert "tensor: 8" in saved and "pipeline: 4" in saved
+
+
+def test_finetune_through_the_template_with_preemption(slurm, demo_data, tmp_path):
+    """A fine-tuning recipe (DeepSpeed ZeRO-2 + LoRA) through the same template: 2 fake nodes, USR1
+    mid-run -> checkpoint, requeue, resume; its losses equal a direct torchrun run's and it ends
+    with the HF export and the FINISHED marker."""
+    from llama_plugin.distributed import free_port
+    from tests.test_finetune import make_base
+
+    slurm.ensure(nodes=2, cpus=2)
+    base = make_base(tmp_path / "base")
+    common = [f"base_model={base}", f"data.tokenizer_model={demo_data / 'tokenizer.model'}", "train.epochs=15",
+              "train.save_interval=1000"]
+    direct_dir, run_dir = tmp_path / "direct", tmp_path / "slurm_run"
+    job = launch("tiny_lora_cpu", "cluster=local_2nodes", *common, f"train.run_dir={run_dir}")
+    wait_for_job(job, 600, lambda i: i.get("JobState") in TERMINAL or (run_dir / "config.yaml").is_file())
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "-m", "llama_plugin.finetune", "tiny_lora_cpu", *common,
+                        f"train.run_dir={direct_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = wait_for_job(job, 900, lambda i: i.get("JobState") in TERMINAL and i.get("Restarts") == "1"
+                        or i.get("JobState") in TERMINAL - {"COMPLETED"})
+    out = job_output(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out[-3000:]
+    assert "USR1: asking training to checkpoint and stop" in out and "requeueing" in out
+    rows = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    direct = rows(direct_dir)
+    assert [s for s, *_ in direct] == list(range(1, 61))
+    assert rows(run_dir) == direct  # resumed exactly: same data order, optimizer state and schedule
+    assert (run_dir / "FINISHED").is_file() and (run_dir / "hf_export" / "config.json").is_file()
+    assert json.loads((run_dir / "FINISHED").read_text())["step"] == 60

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from llama_plugin.finetune import ds_checkpoint, schedule
 from llama_plugin.finetune.ds_config import deepspeed_config, gradient_accumulation_steps
 from llama_plugin.finetune.sft_data import IGNORE_INDEX, SftDataError, SftDataset, collate
-from recipes import RecipeError, compose
+from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE
+from recipes import RecipeError, compose, load_file
 from recipes.finetune_schema import FinetuneConfig, check_finetune
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -38,6 +39,10 @@ def default_extensions_dir() -> None:
 
 
 def load_recipe(argv: list[str]):
+    if argv and argv[0] == "--config":  # a composed recipe saved by slurm.launch
+        if len(argv) < 2:
+            raise RecipeError("--config needs a file")
+        return load_file(argv[1], argv[2:], FinetuneConfig)
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         raise RecipeError("usage: python -m llama_plugin.finetune <recipe> [overrides] (recipes: alpaca_7b, "
                           "lora_7b, chat_7b, tiny_alpaca_cpu, tiny_lora_cpu, tiny_chat_cpu)")
@@ -133,10 +138,12 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 class StopSignal:
-    """SIGUSR1 / SIGTERM (to any rank) ask for a checkpoint and a clean exit after the current step."""
+    """SIGUSR1 / SIGTERM (to any rank), or a STOP file in the run directory (how a Slurm batch
+    script asks: slurm/render.py), ask for a checkpoint and a clean exit after the current step."""
 
-    def __init__(self):
+    def __init__(self, stop_file: Path | None = None):
         self.requested = False
+        self.stop_file = stop_file
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
@@ -144,7 +151,8 @@ class StopSignal:
         self.requested = True
 
     def agreed(self, device) -> bool:
-        flag = torch.tensor([int(self.requested)], device=device)
+        asked = self.requested or bool(self.stop_file and dist.get_rank() == 0 and self.stop_file.exists())
+        flag = torch.tensor([int(asked)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -167,7 +175,7 @@ class JsonlLog:
 
 
 def run(cfg) -> dict:
-    stop = StopSignal()
+    stop = StopSignal(Path(cfg.train.run_dir) / STOP_FILE)
     default_extensions_dir()
     import deepspeed
 
@@ -268,6 +276,12 @@ def run(cfg) -> dict:
         tmp = run_dir / "run_state.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, run_dir / "run_state.json")
+        if stopped and stop.stop_file:
+            stop.stop_file.unlink(missing_ok=True)  # served; a resumed run must not stop at once
+        if summary["finished"]:
+            marker = run_dir / (FINISHED_MARKER + ".tmp")
+            marker.write_text(json.dumps({"step": step, "export_dir": summary["export_dir"]}) + "\n")
+            os.replace(marker, run_dir / FINISHED_MARKER)
     dist.barrier()
     return summary
 
