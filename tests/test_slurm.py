@@ -88,9 +88,13 @@ def wait_for_job(job_id: str, timeout: float = 600, until=lambda info: info.get(
         time.sleep(0.2)
 
 
+# Jobs activate the venv the tests run in (`make test` does not put it on PATH).
+VENV = [f"cluster.venv={sys.prefix}"] if sys.prefix != sys.base_prefix else []
+
+
 def launch(*args, env=None) -> str:
-    """`python -m slurm.launch ...`; the submitted job id."""
-    r = subprocess.run([sys.executable, "-m", "slurm.launch", *args], capture_output=True, text=True,
+    """`python -m slurm.launch ...` (in this venv); the submitted job id."""
+    r = subprocess.run([sys.executable, "-m", "slurm.launch", *args, *VENV], capture_output=True, text=True,
                        env=dict(os.environ, **(env or {})), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return re.search(r"submitted job (\d+)", r.stderr).group(1)
