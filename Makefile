@@ -11,14 +11,15 @@ PYTEST_ARGS ?=
 setup: $(STAMP) system
 
 # Debian packages the Slurm tests use: a real Slurm (slurm/local_cluster.sh starts it) and
-# shellcheck for the rendered job scripts. Installed only when missing (needs root).
-SYSTEM_TOOLS := sbatch slurmctld slurmd munged shellcheck
+# shellcheck for the rendered job scripts; g++ builds kenlm, which PyPI has only as source.
+# Installed only when missing (needs root).
+SYSTEM_TOOLS := sbatch slurmctld slurmd munged shellcheck g++
 system:
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing $$missing: run 'make system' as root (apt-get)" >&2; exit 1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    slurmctld slurmd slurm-client munge shellcheck >/dev/null; \
+	    slurmctld slurmd slurm-client munge shellcheck g++ >/dev/null; \
 	fi
 
 # torch goes first and alone with its exact pin: anything looser pulls a multi-GB CUDA build.

@@ -3,6 +3,8 @@
 demo: fetch the demo corpus (Botchan), train the LLaMA-style tokenizer on it, tokenize it into a
 megatron-core indexed dataset, and write summary.json (documents, tokens, unigram entropy).
 clean source=<name> input=DIR output=DIR [overrides]: one source's raw files -> cleaned JSONL (clean.py).
+perplexity-cutoffs: the 33rd/66th perplexity percentiles of a page sample under a KenLM model
+(the head/middle/tail cutoffs of clean source=commoncrawl).
 train-tokenizer, export-hf-tokenizer, tokenize, mix: one stage each, on your own files.
 """
 
@@ -82,6 +84,12 @@ def main(argv=None) -> int:
     m.add_argument("--tokens", type=float, default=None,
                    help="token budget (default: the recipe's steps x global batch x sequence length)")
 
+    q = sub.add_parser("perplexity-cutoffs", help="CCNet's head/middle/tail cutoffs measured on a page sample")
+    q.add_argument("--input", required=True, nargs="+", type=Path, help="JSONL files of pages (a 'text' field)")
+    q.add_argument("--kenlm-model", required=True, type=Path)
+    q.add_argument("--kenlm-tokenizer", type=Path, default=None, help="the SentencePiece model of the KenLM model")
+    q.add_argument("--max-pages", type=int, default=10000)
+
     c = sub.add_parser("clean", help="one source's raw files -> cleaned JSONL (datatrove pipeline)")
     c.add_argument("overrides", nargs="*", help="source=<name> input=DIR output=DIR [tasks=N <source>.<field>=...]")
     args = p.parse_args(argv)
@@ -105,6 +113,8 @@ def main(argv=None) -> int:
             stats = tokenize_parallel(args.input, args.tokenizer, args.out_prefix, args.workers, args.shard_bytes,
                                       log=lambda msg: print(msg, file=sys.stderr))
             print(json.dumps(stats, indent=2))
+        elif args.stage == "perplexity-cutoffs":
+            print(json.dumps({"perplexity_cutoffs": measure_cutoffs(args)}))
         elif args.stage == "mix":
             report, rows = mix(args.recipe, args.overrides, args.tokens)
             print(report)
@@ -112,6 +122,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def measure_cutoffs(args) -> list[float]:
+    from itertools import islice
+
+    from data_prep.sources.perplexity import PerplexityScorer, perplexity_cutoffs
+    from data_prep.tokenize_parallel import iter_texts
+
+    scorer = PerplexityScorer(str(args.kenlm_model), str(args.kenlm_tokenizer) if args.kenlm_tokenizer else None)
+    pages = (text for path in args.input for text in iter_texts(path))
+    return perplexity_cutoffs(scorer, islice(pages, args.max_pages))
 
 
 def clean_stage(overrides: list[str]) -> int:

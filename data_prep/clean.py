@@ -3,11 +3,13 @@
     python -m data_prep clean source=<name> input=DIR output=DIR [tasks=N workers=N] [<source>.<threshold>=...]
 
 The pipeline is the source's reader, its cleaning steps (data_prep/sources/<source>.py) and a
-JSONL writer; datatrove's local executor runs it (its Slurm executor with executor=slurm). Each
-task writes <output>/<task>.jsonl, under that name only once the task has finished; a killed run
-started again skips finished tasks and redoes the others from their start, so no document is
-lost or written twice. <output>/clean_report.json has the per-step statistics: documents and
-characters in, dropped by which rule, out.
+JSONL writer; datatrove's local executor runs it (its Slurm executor with executor=slurm, one
+array job per stage, each stage depending on the one before). Most sources are one stage; C4's
+corpus-wide span dedup adds two (see STAGED_WORK). Each task writes <output>/<task>.jsonl, under
+that name only once the task has finished; a killed run started again skips finished tasks and
+redoes the others from their start, so no document is lost or written twice.
+<output>/clean_report.json has the per-step statistics: documents and characters in, dropped by
+which rule, out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from datatrove.pipeline.writers.jsonl import JsonlWriter
@@ -30,6 +33,17 @@ from recipes.schema import CleanConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("stackexchange", "github", "wikipedia", "books", "arxiv", "c4", "commoncrawl")
+# Intermediate files of multi-stage sources (documents between stages, dedup signatures), under <output>.
+STAGED_WORK = ".stages"
+
+
+@dataclass
+class Stage:
+    """One datatrove pipeline run with its own task count; stages run in order."""
+
+    name: str
+    pipeline: list
+    tasks: int
 
 
 class AtomicJsonlWriter(JsonlWriter):
@@ -55,9 +69,11 @@ class AtomicJsonlWriter(JsonlWriter):
                 os.replace(path, path.with_name(path.name.removesuffix(".partial")))
 
 
-def build_pipeline(cfg) -> list:
-    """The source's steps, reader first, writer last."""
+def build_stages(cfg) -> list[Stage]:
+    """The source's stages; the first starts with its reader, the last ends with the writer."""
     s = cfg.source
+    if s == "c4":
+        return c4_stages(cfg)
     if s == "stackexchange":
         from data_prep.sources.stackexchange import StackExchangeReader
 
@@ -84,14 +100,6 @@ def build_pipeline(cfg) -> list:
         from data_prep.sources.arxiv import ArxivReader, CleanLatex
 
         steps = [ArxivReader(cfg.input), CleanLatex()]
-    elif s == "c4":
-        from data_prep.sources.c4 import C4QualityFilter
-        from data_prep.sources.common import ExactDedup, JsonlDocumentsReader, LanguageFilter
-
-        c = cfg.c4
-        steps = [JsonlDocumentsReader(cfg.input, "c4"), ExactDedup(),
-                 LanguageFilter(cfg.language_id_model, list(c.languages), c.min_language_score),
-                 C4QualityFilter(c.min_words_per_line, c.min_sentences, c.bad_words_file)]
     elif s == "commoncrawl":
         from data_prep.sources.commoncrawl import LineDedup, ReferenceClassifierFilter, WebPageReader
         from data_prep.sources.common import LanguageFilter
@@ -99,6 +107,11 @@ def build_pipeline(cfg) -> list:
         c = cfg.commoncrawl
         steps = [WebPageReader(cfg.input), LineDedup(),
                  LanguageFilter(cfg.language_id_model, list(c.languages), c.min_language_score)]
+        if c.kenlm_model:
+            from data_prep.sources.perplexity import PerplexityFilter
+
+            steps.append(PerplexityFilter(c.kenlm_model, c.kenlm_tokenizer, list(c.perplexity_cutoffs),
+                                          list(c.keep_buckets)))
         model = reference_classifier(cfg)
         if model is not None:
             steps.append(ReferenceClassifierFilter(str(model), c.min_reference_score))
@@ -107,7 +120,40 @@ def build_pipeline(cfg) -> list:
     single = [type(step).__name__ for step in steps if getattr(step, "single_task", False)]
     if single and cfg.tasks != 1:
         raise RecipeError(f"tasks: {cfg.tasks}, but {', '.join(single)} must see the whole corpus (tasks=1)")
-    return [*steps, AtomicJsonlWriter(cfg.output)]
+    return [Stage("clean", [*steps, AtomicJsonlWriter(cfg.output)], cfg.tasks)]
+
+
+def c4_stages(cfg) -> list[Stage]:
+    """C4: filters, then the three-sentence-span dedup over the whole output of the filters.
+
+    1. filter: reader, language id, C4 heuristics; the kept pages go to <work>/pages/<task>.jsonl
+       and the hashes of their 3-sentence spans to <work>/signatures;
+    2. find_duplicates: one task merges all sorted hashes; every occurrence of a span after
+       its first is listed (document and sentence index) in <work>/duplicates;
+    3. span_dedup: each task reads back its pages and drops the listed spans' sentences.
+    """
+    from datatrove.pipeline.dedup.sentence_dedup import (SentenceDedupFilter, SentenceDedupSignature,
+                                                         SentenceFindDedups)
+
+    from data_prep.sources.c4 import C4QualityFilter, SentenceSplitter, span_dedup_config
+    from data_prep.sources.common import JsonlDocumentsReader, LanguageFilter, TaskShardReader
+
+    c, work = cfg.c4, Path(cfg.output) / STAGED_WORK
+    dedup, splitter = span_dedup_config(c.min_sentences), SentenceSplitter()
+    return [
+        Stage("filter", [JsonlDocumentsReader(cfg.input, "c4"),
+                         LanguageFilter(cfg.language_id_model, list(c.languages), c.min_language_score),
+                         C4QualityFilter(c.min_words_per_line, c.min_sentences, c.bad_words_file),
+                         AtomicJsonlWriter(str(work / "pages")),
+                         SentenceDedupSignature(str(work / "signatures"), config=dedup, language=splitter)],
+              cfg.tasks),
+        Stage("find_duplicates", [SentenceFindDedups(str(work / "signatures"), str(work / "duplicates"),
+                                                     config=dedup)], 1),
+        Stage("span_dedup", [TaskShardReader(str(work / "pages")),
+                             SentenceDedupFilter(str(work / "duplicates"), config=dedup, language=splitter),
+                             AtomicJsonlWriter(cfg.output)],
+              cfg.tasks),
+    ]
 
 
 def reference_classifier(cfg) -> Path | None:
@@ -152,16 +198,39 @@ def load_config(overrides: list[str]):
                               "(lid.176.bin, or data_prep.samples.language_id_model())")
         if not Path(cfg.language_id_model).is_file():
             raise RecipeError(f"language_id_model: {cfg.language_id_model} does not exist")
+    if cfg.source == "commoncrawl":
+        check_perplexity_filter(cfg.commoncrawl)
     if not Path(cfg.input).exists():
         raise RecipeError(f"input: {cfg.input} does not exist")
     return cfg
 
 
+def check_perplexity_filter(c) -> None:
+    """The KenLM filter's fields, named in the error, before any work."""
+    from data_prep.sources.perplexity import BUCKETS
+
+    if not c.kenlm_model:
+        return
+    for key in ("kenlm_model", "kenlm_tokenizer"):
+        if c[key] and not Path(c[key]).is_file():
+            raise RecipeError(f"commoncrawl.{key}: {c[key]} does not exist")
+    cutoffs = list(c.perplexity_cutoffs)
+    if len(cutoffs) != 2 or not 0 < cutoffs[0] < cutoffs[1]:
+        raise RecipeError(f"commoncrawl.perplexity_cutoffs: two increasing positive perplexities (head/middle, "
+                          f"middle/tail) are needed with a KenLM model, got {cutoffs}")
+    unknown = [b for b in c.keep_buckets if b not in BUCKETS]
+    if unknown or not c.keep_buckets:
+        raise RecipeError(f"commoncrawl.keep_buckets: {list(c.keep_buckets)} must be a non-empty subset of "
+                          f"{', '.join(BUCKETS)}")
+
+
 def run(cfg) -> dict:
     """Run (or finish) the pipeline; returns the report (also written to clean_report.json)."""
     output = Path(cfg.output)
-    logging_dir = cfg.logging_dir or str(output / ".logs")
-    pipeline = build_pipeline(cfg)
+    logging_dir = Path(cfg.logging_dir or output / ".logs")
+    stages = build_stages(cfg)
+    # A one-stage source logs straight into logging_dir; stages get a sub-folder each.
+    stage_logs = [logging_dir] if len(stages) == 1 else [logging_dir / st.name for st in stages]
     if cfg.executor == "slurm":
         from datatrove.executor.slurm import SlurmPipelineExecutor
 
@@ -169,21 +238,24 @@ def run(cfg) -> dict:
         venv = cfg.slurm_venv or (sys.prefix if sys.prefix != sys.base_prefix else None)
         env = [f"source {shlex.quote(str(Path(venv) / 'bin' / 'activate'))}"] if venv else []
         env.append(f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}")
-        executor = SlurmPipelineExecutor(
-            pipeline=pipeline, tasks=cfg.tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
-            cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
-            env_command="\n".join(env), logging_dir=logging_dir, job_name=f"clean_{cfg.source}",
-            sbatch_args={"chdir": str(Path.cwd())}, mail_type="NONE")
-        executor.run()
+        executor = None
+        for stage, logs in zip(stages, stage_logs):
+            executor = SlurmPipelineExecutor(
+                pipeline=stage.pipeline, tasks=stage.tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
+                cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
+                env_command="\n".join(env), logging_dir=str(logs), job_name=f"clean_{cfg.source}_{stage.name}",
+                sbatch_args={"chdir": str(Path.cwd())}, mail_type="NONE", depends=executor)
+        executor.run()  # submits the earlier stages first, each one depending on the one before
         if not cfg.slurm_wait:
-            return {"submitted": executor.job_id, "logging_dir": logging_dir}
-        wait_for_tasks(Path(logging_dir), cfg.tasks, executor.job_id)
+            return {"submitted": executor.job_id, "logging_dir": str(logging_dir)}
+        wait_for_tasks(stage_logs[-1], stages[-1].tasks, executor.job_id)
     else:
         from datatrove.executor.local import LocalPipelineExecutor
 
-        LocalPipelineExecutor(pipeline=pipeline, tasks=cfg.tasks, workers=cfg.workers, logging_dir=logging_dir,
-                              start_method="fork").run()
-    report = report_from_logs(Path(logging_dir), cfg)
+        for stage, logs in zip(stages, stage_logs):
+            LocalPipelineExecutor(pipeline=stage.pipeline, tasks=stage.tasks, workers=min(cfg.workers, stage.tasks),
+                                  logging_dir=str(logs), start_method="fork").run()
+    report = report_from_logs(list(zip(stages, stage_logs)), cfg)
     tmp = output / "clean_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, output / "clean_report.json")
@@ -213,17 +285,17 @@ def wait_for_tasks(logging_dir: Path, tasks: int, job_id: str, timeout_s: float 
         time.sleep(1)
 
 
-def report_from_logs(logging_dir: Path, cfg) -> dict:
+def report_from_logs(stage_logs: list[tuple[Stage, Path]], cfg) -> dict:
     """Per step: its counters (documents in/forwarded/dropped, dropped_<rule>, ...) summed over tasks."""
-    stats = json.loads((logging_dir / "stats.json").read_text())
     steps = []
-    for step in stats:
-        counters = {k: (v["total"] if isinstance(v, dict) and "total" in v else v) for k, v in step["stats"].items()
-                    if k not in ("doc_len", "doc_len_tokens") and not k.startswith("XXXXX")}
-        for k in ("doc_len",):
-            if k in step["stats"]:
-                counters["characters_out"] = step["stats"][k]["total"]
-        steps.append({"step": step["name"], **counters})
+    for stage, logging_dir in stage_logs:
+        for step in json.loads((logging_dir / "stats.json").read_text()):
+            counters = {k: (v["total"] if isinstance(v, dict) and "total" in v else v)
+                        for k, v in step["stats"].items()
+                        if k not in ("doc_len", "doc_len_tokens") and not k.startswith("XXXXX")}
+            if "doc_len" in step["stats"]:
+                counters["characters_out"] = step["stats"]["doc_len"]["total"]
+            steps.append({"stage": stage.name, "step": step["name"], **counters})
     shards = sorted(Path(cfg.output).glob("*.jsonl"))
     documents = sum(1 for p in shards for _ in open(p, encoding="utf-8"))
     return {"source": cfg.source, "config": OmegaConf.to_container(cfg), "steps": steps,

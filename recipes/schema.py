@@ -215,6 +215,15 @@ class CommonCrawlCleanConfig:
     reference_positives: Optional[str] = None
     reference_negatives: Optional[str] = None
     min_reference_score: float = 0.5
+    # CCNet's n-gram LM filter (data_prep/sources/perplexity.py): a KenLM model (.arpa or binary)
+    # and the SentencePiece model its training text was split with (CCNet ships both per
+    # language). Pages are bucketed at the two perplexity cutoffs (CCNet: the language's 33rd and
+    # 66th percentiles; `python -m data_prep perplexity-cutoffs` measures them on a sample) into
+    # head / middle / tail, and keep_buckets are kept. No model: the step is left out.
+    kenlm_model: Optional[str] = None
+    kenlm_tokenizer: Optional[str] = None
+    perplexity_cutoffs: List[float] = field(default_factory=list)
+    keep_buckets: List[str] = field(default_factory=lambda: ["head", "middle"])
 
 
 @dataclass

@@ -380,7 +380,9 @@ def test_c4_line_and_page_rules(tmp_path):
     report, docs = clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={lid}")
     assert [d["text"] for d in docs] == [c4_clean(GOOD_PAGE, 3, 5, frozenset())[0]]
     assert docs[0]["language"] == "en" and docs[0]["url"] == "a"
-    assert step_stats(report, "exact dedup")["dropped_duplicate"] == 1
+    # The copy's every 3-sentence span repeats the first page's: all its sentences go, then the page.
+    assert step_stats(report, "sentence-deduplication stage 3")["removed_sentences"] == 7
+    assert step_stats(report, "sentence-deduplication stage 3")["total"] == 2
     assert step_stats(report, "language id")["dropped_language"] == 1
     assert step_stats(report, "c4 heuristics")["dropped_too_few_sentences"] == 1
     with pytest.raises(RecipeError, match="language_id_model: source=c4 needs"):
@@ -388,6 +390,49 @@ def test_c4_line_and_page_rules(tmp_path):
     (pages / "part1.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     with pytest.raises(InputError, match=re.escape(f"{pages / 'part1.jsonl'}:2: not a JSON object with a 'text' field")):
         clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={lid}", name="bad")
+
+
+def test_c4_three_sentence_span_dedup_across_tasks(tmp_path):
+    """C4's rule: all but one of any repeated 3-sentence span are removed, over the whole data set
+    (here across two tasks); a page left with fewer than min_sentences sentences is dropped."""
+    from data_prep.sources.c4 import SentenceSplitter
+
+    shared = ["By evening the old bridge was closed to all traffic.",
+              "Engineers said it would reopen once the current slowed down.",
+              "Volunteers handed out sandbags at the school until midnight!",
+              "Residents were told to boil their drinking water for now."]
+    first = ["The river rose quickly after three days of heavy rain in the valley.",
+             "Farmers moved their animals to higher ground before the water arrived.", *shared]
+    own = ["The storm reached the coast before dawn and the harbour was closed.",
+           "Fishing boats stayed tied up along the pier for the whole day.",
+           "Schools in the district will stay closed until Monday morning.",
+           "Bus routes along the river were changed for the rest of the week.",
+           "The weather service expects the rain to ease by Thursday."]
+    second = own[:2] + shared + own[2:]  # four shared sentences: two repeated spans
+    two_shared = own[:3] + shared[:2] + own[3:]  # only two: no 3-sentence span repeats
+    short = own[3:] + shared[:3]  # two left after the span goes: fewer than 5
+    pages = tmp_path / "c4"
+    pages.mkdir()
+    (pages / "a.jsonl").write_text(json.dumps({"text": "\n".join(first), "id": "first"}) + "\n")
+    (pages / "b.jsonl").write_text("".join(json.dumps({"text": "\n".join(t), "id": i}) + "\n" for i, t in
+                                           (("second", second), ("two_shared", two_shared), ("short", short))))
+    report, docs = clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={samples.language_id_model()}",
+                         "tasks=2", "workers=1")
+    assert {d["id"]: d["text"] for d in docs} == {
+        "first": "\n".join(first), "second": "\n".join(own), "two_shared": "\n".join(two_shared)}
+    assert step_stats(report, "sentence-deduplication stage 3")["removed_sentences"] == 4 + 3
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jsonl")) == ["00000.jsonl", "00001.jsonl"]
+    # Sentences: line breaks always, . ! ? before whitespace (closing quotes stay with theirs).
+    text = 'He said "stop." Then left!  Why? No end\nNext line'
+    assert SentenceSplitter().sent_tokenize(text) == ['He said "stop."', "Then left!", "Why?", "No end", "Next line"]
+
+    # A crash in the last stage: its finished tasks are kept, the rest redone, same output.
+    out = tmp_path / "out"
+    expected = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
+    (out / "00001.jsonl").unlink()
+    (out / ".logs" / "span_dedup" / "completions" / "00001").unlink()
+    clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={samples.language_id_model()}", "tasks=2")
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == expected
 
 
 # ------------------------------------------------------------------------------- CommonCrawl
@@ -465,6 +510,126 @@ def test_commoncrawl_line_dedup_language_and_reference_classifier(tmp_path):
     assert all(s >= 0.5 for s in wiki_scores) and sum(s < 0.5 for s in junk_scores) >= 3, (wiki_scores, junk_scores)
     stats = step_stats(report, "wikipedia reference classifier")
     assert stats["total"] == len(texts) and all(d["reference_score"] >= 0.5 for d in docs)
+
+
+def _bigram_arpa(lines: list[str], path: Path) -> tuple[dict, dict, dict]:
+    """A bigram LM written in ARPA format (add-one unigrams, absolutely discounted bigrams with
+    normalizing backoff weights); returns its log10 tables as written."""
+    from collections import Counter
+    from math import log10
+
+    from data_prep.sources.perplexity import normalize_for_lm
+
+    sents = [["<s>", *normalize_for_lm(line).split(), "</s>"] for line in lines if normalize_for_lm(line)]
+    uni = Counter(w for s in sents for w in s[1:])
+    bi = Counter(pair for s in sents for pair in zip(s, s[1:]))
+    ctx = Counter(w for s in sents for w in s[:-1])
+    total, vocab, discount = sum(uni.values()), len(uni) + 1, 0.5
+    p_uni = {w: (c + 1) / (total + vocab) for w, c in uni.items()} | {"<unk>": 1 / (total + vocab)}
+    log_uni = {w: round(log10(p), 6) for w, p in p_uni.items()} | {"<s>": -99.0}
+    log_bi = {(a, b): round(log10((c - discount) / ctx[a]), 6) for (a, b), c in bi.items()}
+    backoff = {}
+    for a in ctx:
+        followers = [b for (x, b) in bi if x == a]
+        left = discount * len(followers) / ctx[a]
+        backoff[a] = round(log10(left / (1 - sum(p_uni[b] for b in followers))), 6)
+    rows = ["\\data\\", f"ngram 1={len(log_uni)}", f"ngram 2={len(log_bi)}", "", "\\1-grams:"]
+    rows += [f"{lp}\t{w}\t{backoff.get(w, 0.0)}" for w, lp in log_uni.items()]
+    rows += ["", "\\2-grams:"] + [f"{lp}\t{a} {b}" for (a, b), lp in log_bi.items()] + ["", "\\end\\", ""]
+    path.write_text("\n".join(rows))
+    return log_uni, log_bi, backoff
+
+
+def _reference_perplexity(text: str, log_uni: dict, log_bi: dict, backoff: dict) -> float:
+    """The backoff formula by hand: log10 P(w | v) = bigram if listed, else backoff(v) + unigram(w)."""
+    from data_prep.sources.perplexity import normalize_for_lm
+
+    total, length = 0.0, 0
+    for line in text.split("\n"):
+        prev, words = "<s>", normalize_for_lm(line).split()
+        if not words:
+            continue
+        for w in [*words, "</s>"]:
+            w = w if w in log_uni else "<unk>"
+            total += log_bi[prev, w] if (prev, w) in log_bi else backoff.get(prev, 0.0) + log_uni[w]
+            prev = w
+        length += len(words) + 1
+    return 10 ** (-total / length)
+
+
+def test_commoncrawl_kenlm_perplexity_buckets(tmp_path):
+    """CCNet's LM filter: KenLM perplexity matches the backoff formula computed by hand; pages are
+    bucketed at the cutoffs and the tail is dropped; the cutoffs CLI gives the sample's percentiles."""
+    from data_prep.__main__ import main
+    from data_prep.sources.perplexity import PerplexityScorer, normalize_for_lm
+    from data_prep.tokenizer import train_tokenizer
+
+    assert normalize_for_lm("  Café “Noir” costs 12,50 € — ok…  ") == 'cafe "noir" costs 00,00 € - ok...'
+    book = [line for line in fetch_botchan(CACHE).split("\n") if len(line.split()) > 6]
+    lm = tmp_path / "botchan.arpa"
+    tables = _bigram_arpa(book[:1500], lm)
+    rng = random.Random(0)
+    in_domain = "\n".join(book[100:110])
+    words = " ".join(book[100:110]).split()
+    rng.shuffle(words)
+    shuffled = "\n".join(" ".join(words[i:i + 12]) for i in range(0, len(words), 12))
+    unseen = "\n".join(book[1600:1610])  # the same book, lines the LM did not see
+    scorer = PerplexityScorer(str(lm))
+    pages = {"http://x/in": in_domain, "http://x/unseen": unseen, "http://x/shuffled": shuffled}
+    ppl = {url: _reference_perplexity(text, *tables) for url, text in pages.items()}
+    for url, text in pages.items():
+        assert scorer.perplexity(text) == pytest.approx(ppl[url], rel=1e-4)
+    assert ppl["http://x/in"] < ppl["http://x/unseen"] < ppl["http://x/shuffled"], ppl
+
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    (crawl / "CC-MAIN-0001.warc.wet").write_bytes(_wet(list(pages.items())))
+    cutoffs = [(ppl["http://x/in"] * ppl["http://x/unseen"]) ** 0.5, (ppl["http://x/unseen"] * ppl["http://x/shuffled"]) ** 0.5]
+    lid = samples.language_id_model()
+    common = ["source=commoncrawl", f"input={crawl}", f"language_id_model={lid}", f"commoncrawl.kenlm_model={lm}"]
+    report, docs = clean(tmp_path, *common, f"commoncrawl.perplexity_cutoffs=[{cutoffs[0]},{cutoffs[1]}]")
+    assert {d["url"]: d["perplexity_bucket"] for d in docs} == {"http://x/in": "head", "http://x/unseen": "middle"}
+    assert {d["url"]: d["perplexity"] for d in docs} == {u: round(ppl[u], 1) for u in ("http://x/in", "http://x/unseen")}
+    assert step_stats(report, "kenlm perplexity")["dropped_tail"] == 1
+    _, docs = clean(tmp_path, *common, f"commoncrawl.perplexity_cutoffs=[{cutoffs[0]},{cutoffs[1]}]",
+                    "commoncrawl.keep_buckets=[head]", name="head_only")
+    assert [d["url"] for d in docs] == ["http://x/in"]
+
+    # The cutoffs CLI: the 33rd/66th percentiles of the sample's perplexities.
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in pages.values()))
+    import numpy as np
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    buf = StringIO()
+    with redirect_stdout(buf):
+        assert main(["perplexity-cutoffs", "--input", str(sample), "--kenlm-model", str(lm)]) == 0
+    measured = json.loads(buf.getvalue())["perplexity_cutoffs"]
+    assert measured == pytest.approx(list(np.percentile(list(ppl.values()), [100 / 3, 200 / 3])), rel=1e-4)
+
+    # With the SentencePiece model the LM was trained on, lines are scored as its pieces.
+    (tmp_path / "book.jsonl").write_text("".join(json.dumps({"text": normalize_for_lm(t)}) + "\n" for t in book))
+    sp_model = train_tokenizer([tmp_path / "book.jsonl"], tmp_path / "sp", vocab_size=600, character_coverage=1.0)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    line = "I am a regular fellow, Mr. Noda, 2 years"
+    assert PerplexityScorer(str(lm), str(sp_model)).tokens(line) == sp.encode(normalize_for_lm(line), out_type=str)
+
+    # Bad settings and files, each named.
+    with pytest.raises(RecipeError, match=r"commoncrawl.perplexity_cutoffs: two increasing"):
+        load_config([*common, f"output={tmp_path / 'x'}"])
+    with pytest.raises(RecipeError, match=r"commoncrawl.keep_buckets: \['top'\]"):
+        load_config([*common, "commoncrawl.perplexity_cutoffs=[10,20]", "commoncrawl.keep_buckets=[top]",
+                     f"output={tmp_path / 'x'}"])
+    with pytest.raises(RecipeError, match=r"commoncrawl.kenlm_model: /nonexistent.arpa does not exist"):
+        load_config([*common[:-1], "commoncrawl.kenlm_model=/nonexistent.arpa", f"output={tmp_path / 'x'}",
+                     "commoncrawl.perplexity_cutoffs=[10,20]"])
+    broken = tmp_path / "broken.arpa"
+    broken.write_text("\\data\\\nngram 1=5\n\n\\1-grams:\n-1.0\tonly\n")
+    with pytest.raises(InputError, match=re.escape(f"{broken}: not a KenLM model")):
+        PerplexityScorer(str(broken))
 
 
 # ------------------------------------------------------------------- datatrove's Slurm executor

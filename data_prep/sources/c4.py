@@ -5,7 +5,12 @@ heuristics, line level and page level (thresholds in recipes/schema.py, C4's val
   words; lines mentioning javascript or a cookie/privacy/terms-of-use policy are dropped;
   citation markers like [1], [edit], [citation needed] are removed;
 - pages: dropped if they contain "lorem ipsum", a curly bracket (code), or a word from the
-  bad-words list (a file, one word per line), or have fewer than `min_sentences` sentences left.
+  bad-words list (a file, one word per line), or have fewer than `min_sentences` sentences left;
+- dedup, C4's rule: "we discarded all but one of any three-sentence span occurring more than once
+  in the data set". This runs on datatrove's three sentence-dedup stages (span hashes per task,
+  one sorted merge that finds repeats, per-task removal), so it scales past one task; sentences
+  come from `SentenceSplitter` below. A page left with fewer than `min_sentences` sentences is
+  dropped. Exact duplicate pages need no step of their own: every span of a copy repeats.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.word_tokenizers import WordTokenizer
 
 from data_prep.sources import InputError
 
@@ -81,3 +87,48 @@ class C4QualityFilter(PipelineStep):
             self.stat_update("forwarded")
             doc.text = page
             yield doc
+
+
+class SentenceSplitter(WordTokenizer):
+    """Sentences for the span dedup: a line break always ends one, and so does . ! or ? (with
+    closing quotes or brackets) before whitespace. Rule-based, so no model (nltk's punkt) has to
+    be downloaded; it splits "Dr. Smith" in two, which costs recall on such spans only."""
+
+    def __init__(self):
+        super().__init__("en")
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans = []
+        for line in re.finditer(r"[^\n]+", text):
+            start = line.start()
+            ends = [line.start() + m.end() for m in _SENTENCE_BOUNDARY.finditer(line.group())]
+            for end in [*ends, line.end()]:
+                while start < end and text[start].isspace():
+                    start += 1
+                stop = end
+                while stop > start and text[stop - 1].isspace():
+                    stop -= 1
+                if stop > start:
+                    spans.append((start, stop))
+                start = end
+        return spans
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text[a:b] for a, b in self.span_tokenize(text)]
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return re.findall(r"\w+|[^\w\s]", text)
+
+
+_SENTENCE_BOUNDARY = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s)")
+
+
+def span_dedup_config(min_sentences: int):
+    """C4's rule in datatrove's terms: spans of 3 sentences, no minimum span or page length in
+    words (C4 has none), pages left with fewer than `min_sentences` sentences dropped. Spans are
+    hashed to 64 bits with SHA-1 (datatrove's xxhash path passes str, which xxhash 4 refuses)."""
+    from datatrove.pipeline.dedup.sentence_dedup import SentDedupConfig
+    from datatrove.utils.hashing import HashConfig
+
+    return SentDedupConfig(n_sentences=3, split_sentences=True, min_doc_words=0, min_num_sentences=min_sentences,
+                           min_words_to_remove_span=0, hash_config=HashConfig(precision=64, hash_fc="sha1"))

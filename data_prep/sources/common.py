@@ -91,3 +91,30 @@ class ExactDedup(BaseFilter):
             return False, "duplicate"
         self.seen.add(digest)
         return True
+
+
+class TaskShardReader(PipelineStep):
+    """Task `rank`'s shard <folder>/<rank:05d>.jsonl written by an earlier stage's writer (text, id
+    and metadata fields), in the order it was written: later stages address documents by their
+    index in it. A task that kept no documents left no shard and reads nothing."""
+
+    name = "stage shard reader"
+    type = "📖 - READER"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = Path(folder)
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        path = self.folder / f"{rank:05d}.jsonl"
+        if not path.is_file():
+            return
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                    text, doc_id = record.pop("text"), record.pop("id")
+                except (json.JSONDecodeError, KeyError, AttributeError):
+                    raise InputError(f"{path}:{line_no}: not a document written by the earlier stage") from None
+                self.stat_update("documents")
+                yield Document(text=text, id=doc_id, metadata=record)

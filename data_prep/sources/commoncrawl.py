@@ -6,12 +6,10 @@
    punctuation removed, spaces collapsed) and hashed; a line whose hash was seen before in the set
    is removed, documents left empty are dropped;
 3. fastText language id, English kept above a score threshold (data_prep/sources/common.py);
-4. the "referenced by Wikipedia" classifier: a linear fastText model trained on pages cited as
+4. the n-gram LM filter: KenLM perplexity buckets, when a model is given (perplexity.py);
+5. the "referenced by Wikipedia" classifier: a linear fastText model trained on pages cited as
    references by Wikipedia (positives) against random pages (negatives), both given by the user;
    pages it scores below the threshold as references are dropped.
-
-LLaMA also filtered with an n-gram language model (KenLM perplexity buckets); that step is not
-built here (see data_prep/README.md).
 """
 
 from __future__ import annotations
