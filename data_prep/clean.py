@@ -74,6 +74,8 @@ def build_stages(cfg) -> list[Stage]:
     s = cfg.source
     if s == "c4":
         return c4_stages(cfg)
+    if s == "books":
+        return books_stages(cfg)
     if s == "stackexchange":
         from data_prep.sources.stackexchange import StackExchangeReader
 
@@ -90,12 +92,6 @@ def build_stages(cfg) -> list[Stage]:
         from data_prep.sources.wikipedia import WikipediaReader
 
         steps = [WikipediaReader(cfg.input, list(cfg.wikipedia.languages))]
-    elif s == "books":
-        from data_prep.sources.books import BooksReader, DropNearDuplicateBooks, StripGutenbergHeader
-
-        b = cfg.books
-        steps = [BooksReader(cfg.input), StripGutenbergHeader(),
-                 DropNearDuplicateBooks(b.max_overlap, b.shingle_words, b.num_perm)]
     elif s == "arxiv":
         from data_prep.sources.arxiv import ArxivReader, CleanLatex
 
@@ -121,6 +117,26 @@ def build_stages(cfg) -> list[Stage]:
     if single and cfg.tasks != 1:
         raise RecipeError(f"tasks: {cfg.tasks}, but {', '.join(single)} must see the whole corpus (tasks=1)")
     return [Stage("clean", [*steps, AtomicJsonlWriter(cfg.output)], cfg.tasks)]
+
+
+def books_stages(cfg) -> list[Stage]:
+    """Books: headers stripped, then near-duplicate books dropped over the whole corpus
+    (data_prep/sources/books.py): strip (books and MinHash signatures to <work>),
+    find_duplicates (one task, LSH + exact overlap), drop_duplicates."""
+    from data_prep.sources.books import (BookSignatures, BooksReader, DropNearDuplicateBooks,
+                                         FindNearDuplicateBooks, StripGutenbergHeader)
+    from data_prep.sources.common import TaskShardReader
+
+    b, work = cfg.books, Path(cfg.output) / STAGED_WORK
+    return [
+        Stage("strip", [BooksReader(cfg.input), StripGutenbergHeader(), AtomicJsonlWriter(str(work / "books")),
+                        BookSignatures(str(work / "signatures"), b.shingle_words, b.num_perm)], cfg.tasks),
+        Stage("find_duplicates", [FindNearDuplicateBooks(str(work / "books"), str(work / "signatures"),
+                                                         str(work / "duplicates"), b.max_overlap, b.shingle_words,
+                                                         b.num_perm)], 1),
+        Stage("drop_duplicates", [TaskShardReader(str(work / "books")), DropNearDuplicateBooks(str(work / "duplicates")),
+                                  AtomicJsonlWriter(cfg.output)], cfg.tasks),
+    ]
 
 
 def c4_stages(cfg) -> list[Stage]:

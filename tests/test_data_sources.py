@@ -189,8 +189,11 @@ def test_books_gutenberg_header_and_near_duplicates(tmp_path):
     # A stricter threshold keeps the near copy too (the threshold is the recipe's, not hard-coded).
     _, docs = clean(tmp_path, "source=books", f"input={books}", "books.max_overlap=0.97", name="strict")
     assert len(docs) == 3
-    with pytest.raises(RecipeError, match="tasks: 2, but DropNearDuplicateBooks must see the whole corpus"):
-        run(load_config(["source=books", f"input={books}", f"output={tmp_path / 'x'}", "tasks=2"]))
+    # Two tasks (a_botchan and c_partial in task 0, b_near_copy in task 1): the dedup is corpus-wide.
+    report, docs = clean(tmp_path, "source=books", f"input={books}", "tasks=2", "workers=2", name="two_tasks")
+    assert sorted(d["id"] for d in docs) == ["a_botchan.txt", "c_partial.txt"]
+    assert step_stats(report, "book near-duplicate search")["near_duplicates"] == 1
+    assert sorted(p.name for p in (tmp_path / "two_tasks").glob("*.jsonl")) == ["00000.jsonl"]
 
 
 # ------------------------------------------------------------------------------------ GitHub
