@@ -254,17 +254,19 @@ def run(cfg) -> dict:
         venv = cfg.slurm_venv or (sys.prefix if sys.prefix != sys.base_prefix else None)
         env = [f"source {shlex.quote(str(Path(venv) / 'bin' / 'activate'))}"] if venv else []
         env.append(f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}")
-        executor = None
+        executors = []
         for stage, logs in zip(stages, stage_logs):
-            executor = SlurmPipelineExecutor(
+            executors.append(SlurmPipelineExecutor(
                 pipeline=stage.pipeline, tasks=stage.tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
                 cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
                 env_command="\n".join(env), logging_dir=str(logs), job_name=f"clean_{cfg.source}_{stage.name}",
-                sbatch_args={"chdir": str(Path.cwd())}, mail_type="NONE", depends=executor)
-        executor.run()  # submits the earlier stages first, each one depending on the one before
+                sbatch_args={"chdir": str(Path.cwd())}, mail_type="NONE",
+                depends=executors[-1] if executors else None))
+        executors[-1].run()  # submits the earlier stages first, each one depending on the one before
         if not cfg.slurm_wait:
-            return {"submitted": executor.job_id, "logging_dir": str(logging_dir)}
-        wait_for_tasks(stage_logs[-1], stages[-1].tasks, executor.job_id)
+            return {"submitted": [e.job_id for e in executors], "logging_dir": str(logging_dir)}
+        for stage, logs, executor in zip(stages, stage_logs, executors):
+            wait_for_tasks(logs, stage.tasks, executor.job_id)
     else:
         from datatrove.executor.local import LocalPipelineExecutor
 

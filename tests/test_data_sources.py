@@ -156,7 +156,9 @@ def test_arxiv_on_latex_sample2e(tmp_path):
 # ------------------------------------------------------------------------------------- Books
 
 
-def test_books_gutenberg_header_and_near_duplicates(tmp_path):
+@pytest.fixture
+def books_dir(tmp_path) -> Path:
+    """Botchan, a ~95% overlapping near copy and a ~50% overlapping partial copy."""
     book = fetch_botchan(CACHE).replace("\r\n", "\n")
     body = [line for line in book.split("\n") if line.strip()]
     rng = random.Random(0)
@@ -178,7 +180,11 @@ def test_books_gutenberg_header_and_near_duplicates(tmp_path):
     (books / "c_partial.txt").write_text("\n".join(half))
     a, b, c = (shingles("\n".join(x), 5) for x in (body, near, half))
     assert 0.93 < overlap(a, b) < 0.97 and 0.45 < overlap(a, c) < 0.55  # the fixtures are what they claim
+    return books
 
+
+def test_books_gutenberg_header_and_near_duplicates(books_dir, tmp_path):
+    books, book = books_dir, (books_dir / "a_botchan.txt").read_text()
     report, docs = clean(tmp_path, "source=books", f"input={books}")
     assert [d["id"] for d in docs] == ["a_botchan.txt", "c_partial.txt"]
     assert step_stats(report, "book near-duplicates")["dropped_near_duplicate"] == 1
@@ -638,9 +644,9 @@ def test_commoncrawl_kenlm_perplexity_buckets(tmp_path):
 # ------------------------------------------------------------------- datatrove's Slurm executor
 
 
-def test_clean_on_slurm_with_datatrove_slurm_executor(stackexchange_dump, tmp_path):
-    """executor=slurm: datatrove submits an array job (one task per element) to the real local
-    Slurm; the shards equal a local run's."""
+def test_clean_on_slurm_with_datatrove_slurm_executor(stackexchange_dump, books_dir, tmp_path):
+    """executor=slurm: datatrove submits an array job (one task per element) per stage to the real
+    local Slurm, each stage's job depending on the one before; the shards equal a local run's."""
     from tests.test_slurm import LocalSlurm
 
     cluster = LocalSlurm()
@@ -650,9 +656,16 @@ def test_clean_on_slurm_with_datatrove_slurm_executor(stackexchange_dump, tmp_pa
         report, docs = clean(tmp_path, *args, "executor=slurm", "slurm_wait=true", "slurm_partition=local",
                              name="on_slurm")
         _, local_docs = clean(tmp_path, *args, name="local")
+        books_args = ["source=books", f"input={books_dir}", "tasks=2"]
+        books_report, books_docs = clean(tmp_path, *books_args, "executor=slurm", "slurm_wait=true",
+                                         "slurm_partition=local", name="books_on_slurm")
+        _, local_books = clean(tmp_path, *books_args, name="books_local")
     finally:
         cluster.stop()
     assert sorted(p.name for p in (tmp_path / "on_slurm").glob("*.jsonl")) == ["00000.jsonl", "00001.jsonl", "00002.jsonl"]
     assert docs == local_docs and len(docs) == (2 + 40) + (2 + 10) + 2  # questions of the 3 sites
     assert report["documents_out"] == len(local_docs)
     assert (tmp_path / "on_slurm" / ".logs" / "slurm_logs").is_dir()
+    assert books_docs == local_books and [d["id"] for d in books_docs] == ["a_botchan.txt", "c_partial.txt"]
+    assert [s["stage"] for s in books_report["steps"]].count("find_duplicates") == 1
+    assert step_stats(books_report, "book near-duplicates")["dropped_near_duplicate"] == 1
