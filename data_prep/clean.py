@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from omegaconf import OmegaConf
 
@@ -39,11 +40,38 @@ STAGED_WORK = ".stages"
 
 @dataclass
 class Stage:
-    """One datatrove pipeline run with its own task count; stages run in order."""
+    """One datatrove pipeline run with its own task count; stages run in order. Stages that read
+    documents get a progress bar after their reader."""
 
     name: str
     pipeline: list
     tasks: int
+
+    def __post_init__(self):
+        if len(self.pipeline) > 1:
+            self.pipeline.insert(1, ProgressBar(self.name))
+
+
+class ProgressBar(PipelineStep):
+    """Documents done and their rate, per task, on stderr (every second on a terminal, every 30 s
+    into a log file such as a Slurm job's)."""
+
+    name = "progress"
+    type = "📊 - PROGRESS"
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage = stage
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        from tqdm import tqdm
+
+        interval = 1 if sys.stderr.isatty() else 30
+        with tqdm(desc=f"{self.stage} task {rank + 1}/{world_size}", unit=" docs", mininterval=interval,
+                  file=sys.stderr) as bar:
+            for doc in data:
+                bar.update()
+                yield doc
 
 
 class AtomicJsonlWriter(JsonlWriter):
@@ -308,6 +336,8 @@ def report_from_logs(stage_logs: list[tuple[Stage, Path]], cfg) -> dict:
     steps = []
     for stage, logging_dir in stage_logs:
         for step in json.loads((logging_dir / "stats.json").read_text()):
+            if step["name"].endswith(ProgressBar.name):
+                continue
             counters = {k: (v["total"] if isinstance(v, dict) and "total" in v else v)
                         for k, v in step["stats"].items()
                         if k not in ("doc_len", "doc_len_tokens") and not k.startswith("XXXXX")}

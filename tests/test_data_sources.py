@@ -74,7 +74,7 @@ def stackexchange_dump(tmp_path):
     return dump
 
 
-def test_stackexchange_answers_sorted_by_numeric_score(stackexchange_dump, tmp_path):
+def test_stackexchange_answers_sorted_by_numeric_score(stackexchange_dump, tmp_path, capfd):
     docs = site_documents(stackexchange_dump / "math" / "Posts.xml")
     first = next(d for d in docs if d["id"] == "math/1")
     assert first["text"] == ("How do I sort & keep ties?\n\nI have a list of pairs.\n\nAny ideas?\n\n"
@@ -87,6 +87,8 @@ def test_stackexchange_answers_sorted_by_numeric_score(stackexchange_dump, tmp_p
     assert {d["site"] for d in out} == {"math", "superuser"}
     assert len(out) == (2 + 40) + (2 + 10)
     assert report["documents_out"] == len(out)
+    assert re.search(r"clean task 1/1: .*\b54 docs", capfd.readouterr().err)  # the progress bar's last state
+    assert not any(step["step"].endswith("progress") for step in report["steps"])
 
 
 def test_stackexchange_corrupt_posts_xml_names_the_file(stackexchange_dump, tmp_path):
