@@ -104,18 +104,12 @@ def build_stages(cfg) -> list[Stage]:
         return c4_stages(cfg)
     if s == "books":
         return books_stages(cfg)
+    if s == "github":
+        return github_stages(cfg)
     if s == "stackexchange":
         from data_prep.sources.stackexchange import StackExchangeReader
 
         steps = [StackExchangeReader(cfg.input, cfg.stackexchange.sites)]
-    elif s == "github":
-        from data_prep.sources.github import CodeQualityFilter, ExactDedup, GithubReader, StripLicenseHeaders
-
-        g = cfg.github
-        steps = [GithubReader(cfg.input, list(g.licenses), list(g.extensions), g.max_file_bytes),
-                 StripLicenseHeaders(),
-                 CodeQualityFilter(g.max_line_length, g.max_mean_line_length, g.min_alphanumeric_share),
-                 ExactDedup()]
     elif s == "wikipedia":
         from data_prep.sources.wikipedia import WikipediaReader
 
@@ -145,6 +139,29 @@ def build_stages(cfg) -> list[Stage]:
     if single and cfg.tasks != 1:
         raise RecipeError(f"tasks: {cfg.tasks}, but {', '.join(single)} must see the whole corpus (tasks=1)")
     return [Stage("clean", [*steps, AtomicJsonlWriter(cfg.output)], cfg.tasks)]
+
+
+def github_stages(cfg) -> list[Stage]:
+    """GitHub: license, header and quality filters, then exact file dedup over the whole corpus
+    on datatrove's exact-dedup stages: filter (files and their hashes to <work>),
+    find_duplicates (one task), dedup."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
+
+    from data_prep.sources.common import TaskShardReader
+    from data_prep.sources.github import CodeQualityFilter, GithubReader, StripLicenseHeaders, exact_dedup_config
+
+    g, work, dedup = cfg.github, Path(cfg.output) / STAGED_WORK, exact_dedup_config()
+    return [
+        Stage("filter", [GithubReader(cfg.input, list(g.licenses), list(g.extensions), g.max_file_bytes),
+                         StripLicenseHeaders(),
+                         CodeQualityFilter(g.max_line_length, g.max_mean_line_length, g.min_alphanumeric_share),
+                         AtomicJsonlWriter(str(work / "files")),
+                         ExactDedupSignature(str(work / "signatures"), config=dedup)], cfg.tasks),
+        Stage("find_duplicates", [ExactFindDedups(str(work / "signatures"), str(work / "duplicates"),
+                                                  config=dedup)], 1),
+        Stage("dedup", [TaskShardReader(str(work / "files")), ExactDedupFilter(str(work / "duplicates"), config=dedup),
+                        AtomicJsonlWriter(cfg.output)], cfg.tasks),
+    ]
 
 
 def books_stages(cfg) -> list[Stage]:

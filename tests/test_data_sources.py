@@ -241,11 +241,17 @@ def test_github_licenses_filters_headers_dedup(tmp_path):
     quality = step_stats(report, "code quality")
     assert quality["dropped_max_line_length"] == 1 and quality["dropped_mean_line_length"] == 1
     assert quality["dropped_alphanumeric_share"] >= 1
-    assert step_stats(report, "exact dedup")["dropped_duplicate"] >= 1
+    assert step_stats(report, "exact-deduplication stage 3")["dropped"] == 1  # zz_fixture/copy_of_six.py
     assert step_stats(report, "github reader")["repos_skipped_license_none_or_copyleft"] == 1  # kenlm (LGPL)
     bpe = next(d for d in docs if d["id"] == "sentencepiece/src/bpe_model.cc")
     assert bpe["text"].startswith('#include "bpe_model.h"') and bpe["license"] == "apache-2.0"
     assert not any("kenlm" in d["id"] or d["id"].endswith(".txt") for d in docs)
+    # Two tasks (repositories split between them): the same files but one copy of six.py, whichever.
+    report2, docs2 = clean(tmp_path, "source=github", f"input={work}", "tasks=2", name="two_tasks")
+    ids = sorted(d["id"] for d in docs2)
+    assert sum(i in ids for i in ("six-1.17.0/six.py", "zz_fixture/copy_of_six.py")) == 1
+    assert sorted(i.replace("zz_fixture/copy_of_six.py", "six-1.17.0/six.py") for i in ids) == sorted(d["id"] for d in docs)
+    assert step_stats(report2, "exact-deduplication stage 3")["dropped"] == 1
 
 
 # --------------------------------------------------------------------------------- Wikipedia
@@ -496,6 +502,8 @@ def test_commoncrawl_line_dedup_language_and_reference_classifier(tmp_path):
     assert step_stats(report, "line dedup")["dropped_empty_after_dedup"] == 1
     assert step_stats(report, "language id")["dropped_language"] >= 1
     assert "mozilla.org.firefox.developer.html" in texts
+    with pytest.raises(RecipeError, match="tasks: 2, but LineDedup must see the whole corpus"):
+        clean(tmp_path, "source=commoncrawl", f"input={crawl}", f"language_id_model={lid}", "tasks=2", name="t2")
 
     # The reference classifier, trained from user samples: Wikipedia articles vs junk pages.
     dumps = samples.wikipedia_dumps()

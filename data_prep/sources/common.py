@@ -1,9 +1,8 @@
-"""Steps several sources share: JSONL input, fastText language id, exact duplicate removal."""
+"""Steps several sources share: JSONL input, fastText language id, reading back an earlier stage's shards."""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from pathlib import Path
 
@@ -71,25 +70,6 @@ class LanguageFilter(BaseFilter):
             return False, "language"
         if score < self.min_score:
             return False, "language_score"
-        return True
-
-
-class ExactDedup(BaseFilter):
-    """Drops a document whose text equals an earlier one's (sha256). Sees one task's documents:
-    run with tasks=1 for a corpus-wide dedup."""
-
-    name = "exact dedup"
-    single_task = True
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[bytes] = set()
-
-    def filter(self, doc: Document):
-        digest = hashlib.sha256(doc.text.encode()).digest()
-        if digest in self.seen:
-            return False, "duplicate"
-        self.seen.add(digest)
         return True
 
 

@@ -1,6 +1,8 @@
 """GitHub: code of Apache-, BSD- and MIT-licensed repositories, low-quality files dropped by line
 length and alphanumeric share, leading license/copyright headers removed, exact duplicate files
 removed (LLaMA paper, section 2.1; thresholds in recipes/clean.yaml, as in RedPajama's filters).
+The exact dedup is corpus-wide with any number of tasks: datatrove's three exact-dedup stages
+(a hash per file per task, one sorted merge, per-task removal; see data_prep/clean.py).
 
 Input: a folder with one sub-folder per repository. A repository's license comes from its license
 files (LICENSE*, LICENCE*, COPYING*); a repository with none, or with a copyleft one (GPL, LGPL,
@@ -17,7 +19,6 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from data_prep.sources import InputError
-from data_prep.sources.common import ExactDedup  # noqa: F401  (part of this source's pipeline)
 
 _LICENSE_FILE = re.compile(r"^(LICEN[CS]E|COPYING)([.-].*)?$", re.I)
 
@@ -137,3 +138,17 @@ class CodeQualityFilter(BaseFilter):
         if alnum < self.min_alphanumeric_share:
             return False, "alphanumeric_share"
         return True
+
+
+def file_text(doc: Document) -> str:
+    """What the exact dedup compares: the file's text after its license header was removed."""
+    return doc.text
+
+
+def exact_dedup_config():
+    """Files hashed with SHA-1 to 64 bits (datatrove's xxhash path passes str, which xxhash 4
+    refuses); of identical files the one read first in its task, lowest task index on ties, stays."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+    from datatrove.utils.hashing import HashConfig
+
+    return ExactDedupConfig(content_getter=file_text, hash_config=HashConfig(precision=64, hash_fc="sha1"))
