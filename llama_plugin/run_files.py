@@ -1,7 +1,38 @@
 """Files in a run directory through which schedulers talk to a training run (slurm/render.py):
 `STOP` asks the run to checkpoint after the current step and exit 0; `FINISHED` says the last
-step is done; `run_state.json` says where the run stands."""
+step is done; `run_state.json` says where the run stands. `StopRequest` is the run's side of STOP
+(pretraining and fine-tuning alike)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
 
 RUN_STATE = "run_state.json"
 FINISHED_MARKER = "FINISHED"
 STOP_FILE = "STOP"
+
+
+class StopRequest:
+    """A checkpoint and a clean exit at the end of the current step, asked for by SIGUSR1/SIGTERM
+    to any rank or by a STOP file in the run directory. The file is how a Slurm batch script asks
+    (slurm/render.py): a signal to a job step reaches every process in it, helper processes too."""
+
+    def __init__(self, stop_file: Path):
+        self.requested = False
+        self.stop_file = stop_file
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        """Whether any rank was asked (all ranks must stop at the same step): a collective."""
+        import torch
+        import torch.distributed as dist
+
+        asked = self.requested or (dist.get_rank() == 0 and self.stop_file.exists())
+        flag = torch.tensor([1 if asked else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from llama_plugin.data import build_datasets, check_data_files, micro_batches, s
 from llama_plugin.distributed import device, init_distributed, shutdown
 from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.metrics_log import MetricsLog, format_line
-from llama_plugin.run_files import FINISHED_MARKER, RUN_STATE, STOP_FILE
+from llama_plugin.run_files import FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
 from llama_plugin.train_step import build_optimizer, eval_loss, train_step, wrap_ddp
 from recipes import RecipeError, compose, load_file
@@ -89,28 +88,6 @@ def transformer_overrides(p) -> dict:
     if p.tp_comm_overlap:
         out.update(tp_comm_overlap=True)
     return out
-
-
-class StopRequest:
-    """A checkpoint and a clean exit at the end of the current step, asked for by SIGUSR1/SIGTERM
-    to any rank or by a STOP file in the run directory. The file is how a Slurm batch script asks
-    (slurm/render.py): a signal to a job step reaches every process in it, helper processes too."""
-
-    def __init__(self, stop_file: Path):
-        self.requested = False
-        self.stop_file = stop_file
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """Whether any rank was asked (all ranks must stop at the same step)."""
-        asked = self.requested or (dist.get_rank() == 0 and self.stop_file.exists())
-        flag = torch.tensor([1 if asked else 0], device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -273,7 +250,7 @@ def run(cfg, notes: list[str]) -> dict:
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-        stop_now = stop.agreed() or bool(t.exit_interval and step % t.exit_interval == 0)
+        stop_now = stop.agreed(device()) or bool(t.exit_interval and step % t.exit_interval == 0)
         if step % t.save_interval == 0 or step == final_step or stop_now:
             save(step)
         if stop_now and step < final_step:

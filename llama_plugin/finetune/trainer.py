@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from omegaconf import OmegaConf
 from llama_plugin.finetune import ds_checkpoint, schedule
 from llama_plugin.finetune.ds_config import deepspeed_config, gradient_accumulation_steps
 from llama_plugin.finetune.sft_data import IGNORE_INDEX, SftDataError, SftDataset, collate
-from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE
+from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE, StopRequest
 from recipes import RecipeError, compose, load_file
 from recipes.finetune_schema import FinetuneConfig, check_finetune
 
@@ -137,26 +136,6 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                                              reduction="sum")
 
 
-class StopSignal:
-    """SIGUSR1 / SIGTERM (to any rank), or a STOP file in the run directory (how a Slurm batch
-    script asks: slurm/render.py), ask for a checkpoint and a clean exit after the current step."""
-
-    def __init__(self, stop_file: Path | None = None):
-        self.requested = False
-        self.stop_file = stop_file
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, device) -> bool:
-        asked = self.requested or bool(self.stop_file and dist.get_rank() == 0 and self.stop_file.exists())
-        flag = torch.tensor([int(asked)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 class JsonlLog:
     """metrics.jsonl on rank 0; a resumed run first drops the rows after its checkpoint's step."""
 
@@ -175,7 +154,7 @@ class JsonlLog:
 
 
 def run(cfg) -> dict:
-    stop = StopSignal(Path(cfg.train.run_dir) / STOP_FILE)
+    stop = StopRequest(Path(cfg.train.run_dir) / STOP_FILE)
     default_extensions_dir()
     import deepspeed
 
