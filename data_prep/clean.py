@@ -271,6 +271,9 @@ def check_perplexity_filter(c) -> None:
     from data_prep.sources.perplexity import BUCKETS
 
     if not c.kenlm_model:
+        for key in ("kenlm_tokenizer", "perplexity_cutoffs"):
+            if c[key]:
+                raise RecipeError(f"commoncrawl.{key}: given without commoncrawl.kenlm_model (the LM filter's model)")
         return
     for key in ("kenlm_model", "kenlm_tokenizer"):
         if c[key] and not Path(c[key]).is_file():

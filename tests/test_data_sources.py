@@ -645,6 +645,8 @@ def test_commoncrawl_kenlm_perplexity_buckets(tmp_path):
     with pytest.raises(RecipeError, match=r"commoncrawl.kenlm_model: /nonexistent.arpa does not exist"):
         load_config([*common[:-1], "commoncrawl.kenlm_model=/nonexistent.arpa", f"output={tmp_path / 'x'}",
                      "commoncrawl.perplexity_cutoffs=[10,20]"])
+    with pytest.raises(RecipeError, match=r"commoncrawl.perplexity_cutoffs: given without commoncrawl.kenlm_model"):
+        load_config([*common[:-1], "commoncrawl.perplexity_cutoffs=[10,20]", f"output={tmp_path / 'x'}"])
     broken = tmp_path / "broken.arpa"
     broken.write_text("\\data\\\nngram 1=5\n\n\\1-grams:\n-1.0\tonly\n")
     with pytest.raises(InputError, match=re.escape(f"{broken}: not a KenLM model")):
