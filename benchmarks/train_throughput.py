@@ -32,7 +32,6 @@ import torch.distributed as dist  # noqa: E402
 from llama_plugin import flops, throughput  # noqa: E402
 from llama_plugin.distributed import init_distributed, shutdown  # noqa: E402
 from llama_plugin.layout import num_microbatches, resolve  # noqa: E402
-from llama_plugin.spec import HAVE_TE  # noqa: E402
 from llama_plugin.train import build_model_and_optimizer, count_parameters, load_recipe  # noqa: E402
 from llama_plugin.train_step import Batch, train_step  # noqa: E402
 
@@ -74,7 +73,7 @@ def main() -> int:
     if dist.get_rank() == 0:
         print(json.dumps({
             "recipe": cfg.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "transformer_engine": HAVE_TE, "world_size": world,
+            "transformer_impl": cfg.model.transformer_impl, "world_size": world,
             "layout": {"tensor": p.tensor, "pipeline": p.pipeline, "data": p.data,
                        "sequence_parallel": p.sequence_parallel, "recompute": p.recompute},
             "precision": t.precision, "num_parameters": n_params, "tokens_per_step": t.global_batch_size * s,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from omegaconf import OmegaConf
 
 from recipes.schema import ModelConfig
@@ -122,11 +123,21 @@ def load_checkpoint(model_chunks, ckpt_dir, optimizer=None) -> dict | None:
         _prime_distributed_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
             template["model"] if len(model_chunks) == 1 else template, is_loading=True, metadata=OPTIMIZER_METADATA)
-    with torch.no_grad():
-        state = dist_checkpointing.load(template, str(ckpt_dir))
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    with torch.no_grad():
+        # TransformerEngine's attention core keeps `_extra_state` (FP8 scaling metadata) that
+        # checkpoints of the local modules and converted HF weights lack; everything else must be
+        # there. StrictHandling.RETURN_ALL (megatron-core dist_checkpointing/validation.py) reports
+        # the missing keys and leaves them out of the load.
+        state, missing, _ = dist_checkpointing.load(template, str(ckpt_dir), strict=StrictHandling.RETURN_ALL)
+    absent = sorted(k for k in missing if not k.endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(f"{ckpt_dir}: tensors missing from the checkpoint: {', '.join(absent[:5])}")
     for chunk, key in zip(model_chunks, keys):
-        _unwrap(chunk).load_state_dict(state[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(state[key], strict=False)
+        bad = [k for k in result.missing_keys if not k.endswith("_extra_state")] + list(result.unexpected_keys)
+        if bad:
+            raise CheckpointError(f"{ckpt_dir}: does not fit the model: {', '.join(bad[:5])}")
     path = ckpt_dir / TRAIN_STATE_FILE
     train_state = json.loads(path.read_text()) if path.is_file() else None
     if optimizer is not None:

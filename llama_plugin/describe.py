@@ -3,7 +3,9 @@
     python -m llama_plugin.describe model=llama_7b [model.num_layers=... ...]
 
 Prints JSON. The parameter count comes from building the GPTModel on the meta device (shapes
-without memory), so it is exactly what training would allocate, for any size.
+without memory), so it is exactly what training would allocate, for any size. It is counted on the
+local modules also for `model.transformer_impl=te`: TransformerEngine allocates real memory even
+under the meta device, and its modules hold the same tensors (norm weights inside the fused linears).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def describe(model_cfg) -> dict:
         "share_embeddings_and_output_weights": model_cfg.share_embeddings_and_output_weights,
         "flops_per_token": flops.flops_per_token(n, model_cfg),
         "flops_formula": flops.FORMULA,
+        "counted_on": "local modules (the same tensors as transformer_impl=te)",
     }
 
 

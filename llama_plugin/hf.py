@@ -188,6 +188,9 @@ def mcore_global_tensor(name: str, layer: int | None, model_cfg, hf: HFWeights) 
     simple = {
         "input_layernorm.weight": ("input_layernorm.weight", (d,)),
         "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight", (d,)),
+        # TransformerEngine's names: the norm weights live inside the fused linears.
+        "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight", (d,)),
+        "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight", (d,)),
         "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", (d, heads * hd)),
         "mlp.linear_fc2.weight": ("mlp.down_proj.weight", (d, ffn)),
     }

@@ -11,13 +11,14 @@ import torch
 from omegaconf import OmegaConf
 
 from llama_plugin.model import ModelConfigError, check_model_shape
-from llama_plugin.spec import HAVE_TE
+from llama_plugin.layers.spec import IMPLS, te_importable
 from recipes import RecipeError
 
 CHOICES = {
     "optimizer.decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
     "parallel.recompute": ("none", "selective", "full"),
     "train.precision": ("bf16", "fp32"),
+    "model.transformer_impl": IMPLS,
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 POSITIVE = (
@@ -31,9 +32,10 @@ def _get(cfg, dotted):
     return OmegaConf.select(cfg, dotted)
 
 
-def resolve(cfg, world_size: int, have_te: bool = HAVE_TE, have_cuda: bool | None = None):
+def resolve(cfg, world_size: int, have_te: bool | None = None, have_cuda: bool | None = None):
     """(resolved mutable config, notes). Raises RecipeError naming the first bad field."""
     have_cuda = torch.cuda.is_available() if have_cuda is None else have_cuda
+    have_te = te_importable() if have_te is None else have_te
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     notes = []
     for key, allowed in CHOICES.items():
@@ -43,6 +45,9 @@ def resolve(cfg, world_size: int, have_te: bool = HAVE_TE, have_cuda: bool | Non
         if not _get(cfg, key) > 0:
             raise RecipeError(f"{key}: must be > 0, got {_get(cfg, key)}")
     p, t, o = cfg.parallel, cfg.train, cfg.optimizer
+    if cfg.model.transformer_impl == "te" and not have_te:
+        raise RecipeError("model.transformer_impl: 'te' needs TransformerEngine, which does not import here "
+                          "(install it, or use the default 'local')")
 
     model_parallel = p.tensor * p.pipeline
     if world_size % model_parallel:
@@ -72,7 +77,8 @@ def resolve(cfg, world_size: int, have_te: bool = HAVE_TE, have_cuda: bool | Non
         raise RecipeError("parallel.overlap_param_gather: needs parallel.distributed_optimizer=true")
     if p.tp_comm_overlap:
         missing = [why for ok, why in (
-            (have_cuda, "CUDA"), (have_te, "TransformerEngine"), (p.tensor > 1, "parallel.tensor > 1"),
+            (have_cuda, "CUDA"), (cfg.model.transformer_impl == "te", "model.transformer_impl=te"),
+            (p.tensor > 1, "parallel.tensor > 1"),
             (p.sequence_parallel, "parallel.sequence_parallel")) if not ok]
         if missing:
             p.tp_comm_overlap = False

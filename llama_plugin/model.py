@@ -13,7 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from llama_plugin.spec import HAVE_TE, llama_block_spec
+from llama_plugin.layers.spec import llama_block_spec
 
 
 # How megatron-core splits each weight over tensor-parallel ranks (by name suffix): the dimension;
@@ -26,16 +26,6 @@ _TP_SPLIT_DIM = {
     "self_attention.linear_proj.weight": 1,     # row-parallel
     "mlp.linear_fc2.weight": 1,                 # row-parallel
 }
-
-
-def _have_fused_softmax_kernels() -> bool:
-    """megatron's fused masked softmax needs apex-built CUDA extensions."""
-    try:
-        import scaled_masked_softmax_cuda  # noqa: F401
-        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def tp_split_dim(name: str) -> int | None:
@@ -91,6 +81,7 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool | None = None,
     perform_initialization: bool = True,
+    transformer_impl: str = "local",
     **overrides,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for a LLaMA model recipe in a given parallel layout.
@@ -124,20 +115,26 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
         perform_initialization=perform_initialization,
-        # Fused kernels exist only on GPU.
+        # Fused kernels exist only on GPU: SwiGLU's (megatron's own), and RoPE's (TransformerEngine's).
+        # The SDPA attention core needs no softmax fusion.
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu and not HAVE_TE and _have_fused_softmax_kernels(),
-        apply_rope_fusion=on_gpu and HAVE_TE,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=on_gpu and transformer_impl == "te",
     )
     settings.update(overrides)
     return TransformerConfig(**settings)
 
 
-def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = None) -> GPTModel:
-    """This rank's part of the model: embedding on the first stage, output layer on the last."""
+def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = None,
+                    transformer_impl: str = "local") -> GPTModel:
+    """This rank's part of the model: embedding on the first stage, output layer on the last.
+
+    Conversion, generation and counting always use the local modules: they hold the same tensors
+    under the same checkpoint names as TransformerEngine's (layers/spec.py).
+    """
     model = GPTModel(
         config=config,
-        transformer_layer_spec=llama_block_spec(config, vp_stage=vp_stage),
+        transformer_layer_spec=llama_block_spec(config, transformer_impl, vp_stage=vp_stage),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
@@ -151,7 +148,11 @@ def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = Non
     if not config.perform_initialization:
         # megatron-core marks parameters as tensor-parallel only while initializing them; the grad
         # norm (which counts replicated parameters once) and the optimizer rely on the marks.
+        # TransformerEngine's linears mark their own (megatron-core extensions/transformer_engine.py,
+        # TELinear / TELayerNormColumnParallelLinear set partition_stride), and marking twice asserts.
         for name, param in model.named_parameters():
+            if hasattr(param, "tensor_model_parallel"):
+                continue
             dim = tp_split_dim(name)
             set_tensor_model_parallel_attributes(param, dim is not None, dim if dim is not None else -1, 1)
     return model

@@ -96,12 +96,23 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _init_tp_comm_overlap(cfg) -> None:
-    """TransformerEngine userbuffers for overlapping TP communication with GEMMs (GPU only)."""
+def _init_tp_comm_overlap(cfg, dtype: torch.dtype) -> None:
+    """TransformerEngine userbuffers for overlapping TP communication with GEMMs (GPU, te only).
+
+    As Megatron-LM's megatron/training/initialize.py `_initialize_tp_communicators`: one buffer of
+    [seq * micro_batch, hidden] per TP group. TE allocates it in `dtype` (its default is bf16, so an
+    fp32 run must say so).
+    """
+    import inspect
+
     from transformer_engine.pytorch import module as te_module
 
     shape = [cfg.model.seq_length * cfg.train.micro_batch_size, cfg.model.hidden_size]
-    te_module.base.initialize_ub(shape=shape, tp_size=cfg.parallel.tensor, use_fp8=False)
+    kwargs = {"dtype": dtype} if "dtype" in inspect.signature(te_module.base.initialize_ub).parameters else {}
+    if dtype != torch.bfloat16 and not kwargs:
+        raise RuntimeError(f"parallel.tp_comm_overlap: this TransformerEngine's initialize_ub has no dtype; "
+                           f"its buffers are bf16, the run is {dtype}")
+    te_module.base.initialize_ub(shape=shape, tp_size=cfg.parallel.tensor, use_fp8=False, **kwargs)
 
 
 def build_model_and_optimizer(cfg):
@@ -111,11 +122,11 @@ def build_model_and_optimizer(cfg):
     dtype = _DTYPE[t.precision]
     config = transformer_config(
         cfg.model, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, sequence_parallel=p.sequence_parallel,
-        params_dtype=dtype, **transformer_overrides(p),
+        params_dtype=dtype, transformer_impl=cfg.model.transformer_impl, **transformer_overrides(p),
     )
     if p.tp_comm_overlap:
-        _init_tp_comm_overlap(cfg)
-    model = build_gpt_model(cfg.model, config)
+        _init_tp_comm_overlap(cfg, dtype)
+    model = build_gpt_model(cfg.model, config, transformer_impl=cfg.model.transformer_impl)
     chunks = wrap_ddp([model], config, overlap_grad_reduce=p.overlap_grad_reduce,
                       use_distributed_optimizer=p.distributed_optimizer,
                       overlap_param_gather=p.overlap_param_gather, bucket_size=p.bucket_size)
@@ -151,6 +162,9 @@ def run(cfg, notes: list[str]) -> dict:
         notes.append(f"resumed from {complete[-1][1]} (step {start_step})")
     elif t.load:
         checkpoint.load_checkpoint(chunks, t.load)
+        # With bf16 the optimizer copied the (random) weights into its fp32 main params when it was
+        # built; without this the first step would overwrite the loaded weights with them.
+        optimizer.reload_model_params()
         notes.append(f"initial weights from {t.load}")
     for c in chunks:
         c.broadcast_params()

@@ -29,6 +29,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     # LLaMA keeps the input embedding and output projection separate.
     share_embeddings_and_output_weights: bool = False
+    # Modules of the layer (llama_plugin/layers/spec.py): local (megatron-core linears, SDPA
+    # attention; the tested default on CPU and GPU) | te (TransformerEngine; must import).
+    transformer_impl: str = "local"
 
 
 @dataclass

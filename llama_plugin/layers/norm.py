@@ -1,4 +1,4 @@
-"""RMSNorm for the local (non-TransformerEngine) path.
+"""RMSNorm for the local module tree.
 
 LLaMA normalizes with RMSNorm: y = x / sqrt(mean(x^2) + eps) * g, the statistic in fp32. Under sequence
 parallelism each tensor-parallel rank normalizes a different slice of the sequence, so the gradient
@@ -8,6 +8,7 @@ does that sum (`finalize_model_grads`) for parameters marked `sequence_parallel=
 """
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 
@@ -26,7 +27,7 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As Meta's reference: normalize in fp32, cast back, then scale.
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        # As Meta's reference: normalize in fp32, cast back, then scale. torch's fused rms_norm
+        # computes x * rsqrt(mean(x^2) + eps) (tests/test_layers.py checks it bitwise against HF).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return normed * self.weight

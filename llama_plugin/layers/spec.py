@@ -2,16 +2,17 @@
 
 One transformer layer, as in the paper: h = x + attn(rmsnorm(x)); out = h + swiglu_mlp(rmsnorm(h)).
 SwiGLU, RoPE, no biases and the RMSNorm epsilon are TransformerConfig settings (model.py); this
-module only chooses the modules. The one switch between TransformerEngine and local modules is
-`HAVE_TE`: with TE we use megatron-core's own TE spec (RMSNorm fused into the following linear,
-fused attention); without it, local modules and our sequence-parallel-aware RMSNorm.
+module only chooses the modules, by `model.transformer_impl`:
+  local  (default, CPU and GPU) megatron-core's tensor-parallel linears, our sequence-parallel
+         RMSNorm and the SDPA attention core (flash kernels on a GPU). The CPU suite proves it.
+  te     megatron-core's own TransformerEngine spec (RMSNorm fused into the following linear, TE's
+         fused attention), an explicit opt-in; refused when TransformerEngine does not import.
+Nothing switches because a package happens to import.
 """
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -23,15 +24,20 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from llama_plugin.norm import RMSNorm
+from llama_plugin.layers.attention import SDPAttention
+from llama_plugin.layers.norm import RMSNorm
 
-try:
-    import transformer_engine  # noqa: F401
-    from megatron.core.extensions.transformer_engine import TENorm
+IMPLS = ("local", "te")
 
-    HAVE_TE = True
-except ImportError:
-    HAVE_TE = False
+
+def te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions.transformer_engine import TENorm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 local_llama_layer = ModuleSpec(
     module=TransformerLayer,
@@ -42,7 +48,7 @@ local_llama_layer = ModuleSpec(
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(
                 linear_qkv=ColumnParallelLinear,
-                core_attention=DotProductAttention,
+                core_attention=SDPAttention,
                 linear_proj=RowParallelLinear,
             ),
         ),
@@ -54,7 +60,7 @@ local_llama_layer = ModuleSpec(
         ),
         mlp_bda=get_bias_dropout_add,
         # Checkpoints use TE's names (norm weights live inside the fused linears), so a checkpoint
-        # written on CPU loads on a TE cluster and back.
+        # written by either module tree loads into the other.
         sharded_state_dict_keys_map={
             "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
             "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
@@ -63,19 +69,28 @@ local_llama_layer = ModuleSpec(
 )
 
 
-def llama_layer_spec(use_te: bool = HAVE_TE) -> ModuleSpec:
-    return get_gpt_layer_with_transformer_engine_spec() if use_te else local_llama_layer
+def llama_layer_spec(transformer_impl: str = "local") -> ModuleSpec:
+    if transformer_impl == "local":
+        return local_llama_layer
+    if transformer_impl == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    raise ValueError(f"model.transformer_impl: {transformer_impl!r} is not one of {', '.join(IMPLS)}")
 
 
-def llama_block_spec(
-    config: TransformerConfig, use_te: bool = HAVE_TE, vp_stage: int | None = None
-) -> ModuleSpec:
+def llama_block_spec(config: TransformerConfig, transformer_impl: str = "local",
+                     vp_stage: int | None = None) -> ModuleSpec:
     """The decoder: this pipeline stage's layers and, on the last stage, the final RMSNorm."""
+    if transformer_impl == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = RMSNorm
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(
-            layer_specs=[llama_layer_spec(use_te)] * layers,
-            layer_norm=TENorm if use_te else RMSNorm,
+            layer_specs=[llama_layer_spec(transformer_impl)] * layers,
+            layer_norm=final_norm,
         ),
     )

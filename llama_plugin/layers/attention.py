@@ -1,0 +1,69 @@
+"""The attention core on PyTorch's `scaled_dot_product_attention` (SDPA).
+
+A drop-in for megatron-core's `DotProductAttention` in the local layer spec: the same constructor
+and forward, megatron's [s, b, heads, head_dim] layout in and [s, b, heads * head_dim] out, this
+tensor-parallel rank's heads only. It never forms the [b, heads, s, s] score matrix: on a GPU
+PyTorch dispatches to the FlashAttention / cuDNN / memory-efficient kernels, on a CPU to its
+flash kernel, so what autograd keeps is O(s) (output and log-sum-exp), not O(s^2).
+Grouped-query attention goes to SDPA as is (`enable_gqa`): key/value heads are not copied.
+LLaMA uses no attention dropout, no bias, no windows; those settings are refused, not ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SDPAttention(MegatronModule):
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        unsupported = [
+            (config.context_parallel_size == 1, "context_parallel_size", config.context_parallel_size),
+            (dropout == 0.0, "attention_dropout", dropout),
+            (config.window_size is None, "window_size", config.window_size),
+            (config.softmax_type == "vanilla", "softmax_type", config.softmax_type),
+            (not config.apply_query_key_layer_scaling, "apply_query_key_layer_scaling", True),
+        ]
+        for ok, field, value in unsupported:
+            if not ok:
+                raise ValueError(f"SDPAttention: {field}={value!r} is not supported (LLaMA needs none)")
+        tp = pg_collection.tp.size() if pg_collection is not None else \
+            parallel_state.get_tensor_model_parallel_world_size()
+        if config.num_attention_heads % tp or config.num_query_groups % tp:
+            raise ValueError(f"SDPAttention: {config.num_attention_heads} heads / {config.num_query_groups} "
+                             f"query groups do not split over {tp} tensor-parallel ranks")
+        self.heads = config.num_attention_heads // tp
+        self.groups = config.num_query_groups // tp
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.attn_mask_type = attn_mask_type
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
+                attention_bias: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPAttention: attention_bias and packed sequences are not supported")
+        sq, b = query.shape[0], query.shape[1]
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        # As megatron's softmax: a given mask wins (True = masked out); a causal layer without one
+        # masks the future; one query token (decoding) sees every key.
+        causal = mask_type == AttnMaskType.causal and attention_mask is None and sq > 1
+        if causal and key.shape[0] != sq:
+            raise ValueError(f"SDPAttention: causal attention needs as many keys as queries ({key.shape[0]} != {sq})")
+        mask = None if attention_mask is None else ~attention_mask
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+                                             enable_gqa=self.heads != self.groups)
+        # [b, n, s, d] -> [s, b, n * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
