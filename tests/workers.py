@@ -94,3 +94,43 @@ def parity_layout(result_path: str, ckpt_dir: str, tp: int, pp: int, sequences: 
     ids = generate_ids(model, prompt, new_tokens, greedy=True)
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:  # a last-stage rank
         torch.save({"logits": [x[0] for x in logits], "ids": ids}, result_path)
+
+
+def attention_core_parity(result_path: str, hf_dir: str, tp: int, sequence_parallel: bool) -> None:
+    """Logits and weight grads of the model with the SDPA core against megatron-core's
+    DotProductAttention core, same HF weights, same layout; rank 0 writes the largest differences."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from llama_plugin.generate import last_stage_logits
+    from llama_plugin.layers import spec
+
+    model_cfg, _ = model_config_from_hf(hf_dir)
+    init_distributed(tp, 1)
+    config = transformer_config(model_cfg, tensor_parallel=tp, sequence_parallel=sequence_parallel,
+                                perform_initialization=False)
+    attn = spec.local_llama_layer.submodules.self_attention.submodules
+    models = {}
+    for name, core in (("sdpa", spec.SDPAttention), ("megatron", DotProductAttention)):
+        attn.core_attention = core
+        models[name] = build_gpt_model(model_cfg, config)
+        load_hf_into(models[name], model_cfg, HFWeights(hf_dir))
+    attn.core_attention = spec.SDPAttention
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, 33), generator=gen)
+    positions = torch.arange(32).unsqueeze(0).expand(2, -1)
+    out = {}
+    for name, model in models.items():
+        with torch.no_grad():
+            logits = last_stage_logits(model, tokens[:, :-1])
+        loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).sum()
+        loss.backward()
+        out[name] = (logits, {n: p.grad.clone() for n, p in model.named_parameters()},
+                     [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers])
+    (la, ga, ca), (lb, gb, cb) = out["sdpa"], out["megatron"]
+    diffs = torch.tensor([(la - lb).abs().max().item(), max((ga[n] - gb[n]).abs().max().item() for n in ga),
+                          max(g.abs().max().item() for g in gb.values())])
+    torch.distributed.all_reduce(diffs, op=torch.distributed.ReduceOp.MAX)
+    if torch.distributed.get_rank() == 0:
+        with open(result_path, "w") as f:
+            json.dump({"logits_max_abs_diff": diffs[0].item(), "grad_max_abs_diff": diffs[1].item(), "grad_max_abs": diffs[2].item(),
+                       "logits_max_abs": la.abs().max().item(), "cores": [ca, cb]}, f)
