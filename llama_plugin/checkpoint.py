@@ -127,10 +127,11 @@ def load_checkpoint(model_chunks, ckpt_dir, optimizer=None) -> dict | None:
     with torch.no_grad():
         # TransformerEngine's attention core keeps `_extra_state` (FP8 scaling metadata) that
         # checkpoints of the local modules and converted HF weights lack; everything else must be
-        # there. StrictHandling.RETURN_ALL (megatron-core dist_checkpointing/validation.py) reports
-        # the missing keys and leaves them out of the load.
-        state, missing, _ = dist_checkpointing.load(template, str(ckpt_dir), strict=StrictHandling.RETURN_ALL)
-    absent = sorted(k for k in missing if not k.endswith("_extra_state"))
+        # there. StrictHandling.RETURN_UNEXPECTED (megatron-core dist_checkpointing/validation.py)
+        # returns the requested keys the checkpoint lacks ("unexpected" in its terms) and leaves
+        # them out of the load; it needs no global metadata exchange.
+        state, _, lacking = dist_checkpointing.load(template, str(ckpt_dir), strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(k for k in lacking if not k.endswith("_extra_state"))
     if absent:
         raise CheckpointError(f"{ckpt_dir}: tensors missing from the checkpoint: {', '.join(absent[:5])}")
     for chunk, key in zip(model_chunks, keys):

@@ -39,10 +39,10 @@ def losses(run_dir):
     return [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in rows]
 
 
-def start_run_and_wait(demo_data, run_dir, logged_steps: int) -> subprocess.Popen:
+def start_run_and_wait(demo_data, run_dir, logged_steps: int, *extra) -> subprocess.Popen:
     """Start a SHORT run in the background; return once `logged_steps` steps are in metrics.jsonl."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "llama_plugin.train", *SHORT, f"train.run_dir={run_dir}"]
+           "-m", "llama_plugin.train", *SHORT, f"train.run_dir={run_dir}", *extra]
     env = dict(os.environ, DEMO_DATA=str(demo_data))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -122,17 +122,20 @@ def test_clean_stop_and_resume_is_bitwise_exact(demo_data, uninterrupted, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
-def test_kill_9_between_checkpoints_resumes_exactly(demo_data, uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start_run_and_wait(demo_data, run_dir, 6)  # after the step-4 checkpoint, before step 8's
-
-    # kill -9 the launcher and every worker (torchrun starts workers in their own sessions)
+def kill_9(proc: subprocess.Popen) -> None:
+    """kill -9 the launcher and every worker (torchrun starts workers in their own sessions)."""
     victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     for p in victims:
         p.send_signal(signal.SIGKILL)
     proc.wait()
     psutil.wait_procs(victims, timeout=30)
+
+
+@pytest.mark.slow
+def test_kill_9_between_checkpoints_resumes_exactly(demo_data, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_run_and_wait(demo_data, run_dir, 6)  # after the step-4 checkpoint, before step 8's
+    kill_9(proc)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) < 8
     r = run(demo_data, run_dir)
     resumed = next(line for line in r.stdout.splitlines() if "resumed from" in line)
@@ -140,6 +143,26 @@ def test_kill_9_between_checkpoints_resumes_exactly(demo_data, uninterrupted, tm
     assert losses(run_dir) == losses(uninterrupted)
     a, b = final_weights(uninterrupted, tmp_path, "a"), final_weights(run_dir, tmp_path, "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_bf16_distributed_optimizer_kill_9_resumes_bitwise(demo_data, tmp_path):
+    """bf16 parameters, fp32 main params in the distributed optimizer (DP=2): kill -9 after the
+    step-4 checkpoint, resume, and every loss and grad norm equals the uninterrupted run's."""
+    layout = ["parallel=cpu_single", "parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+              "train.precision=bf16", "train.steps=8", "train.eval_interval=100"]
+    run(demo_data, tmp_path / "full", *layout)
+    run_dir = tmp_path / "killed"
+    proc = start_run_and_wait(demo_data, run_dir, 6, *layout)
+    kill_9(proc)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) < 8
+    r = run(demo_data, run_dir, *layout)
+    assert "step_00000004 (step 4)" in r.stdout
+    full, resumed = losses(tmp_path / "full"), losses(run_dir)
+    assert len(full) == 8 and full[-1][1] < full[0][1] - 0.3
+    assert resumed == full
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "precision: bf16" in cfg and "distributed_optimizer: true" in cfg
 
 
 @pytest.mark.slow
@@ -225,30 +248,79 @@ def test_sigusr1_checkpoints_stops_and_resumes_exactly(demo_data, uninterrupted,
     assert losses(run_dir) == losses(uninterrupted)
 
 
-def test_training_starts_from_converted_hf_weights(demo_data, tmp_path):
-    """Continued pre-training (recipe tiny_continued_cpu: train.load = an imported HF LLaMA): the
-    first step's loss equals Hugging Face's loss on the same global batch."""
+@pytest.fixture(scope="module")
+def continued(demo_data, tmp_path_factory):
+    """Continued pre-training (recipe tiny_continued_cpu: train.load = an imported HF LLaMA) for 3
+    steps in fp32 and in bf16, and a bf16 run from random weights (what a lost load would give)."""
     from llama_plugin.convert import hf_to_mcore
-    from llama_plugin.data import build_datasets
     from tests.conftest import make_hf_llama
 
-    hf_model = make_hf_llama(tmp_path / "hf", num_layers=4, vocab=1024, hidden=128, intermediate=512, seed=5)
-    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore")
-    run_dir = tmp_path / "run"
-    r = torchrun(["tiny_continued_cpu", *SHORT[1:], f"train.run_dir={run_dir}", f"train.load={tmp_path / 'mcore'}",
-                  "train.steps=2", "optimizer.warmup_steps=1"], {"DEMO_DATA": str(demo_data)})
-    assert r.returncode == 0, r.stderr[-4000:]
-    first_loss = losses(run_dir)[0][1]
+    root = tmp_path_factory.mktemp("continued")
+    hf_model = make_hf_llama(root / "hf", num_layers=4, vocab=1024, hidden=128, intermediate=512, seed=5)
+    hf_to_mcore(root / "hf", root / "mcore")
+    runs = {}
+    for name, extra in (("fp32", [f"train.load={root / 'mcore'}"]), ("bf16", [f"train.load={root / 'mcore'}"]),
+                        ("bf16_random", ["train.load=null"])):
+        run_dir = root / name
+        precision = "train.precision=" + ("fp32" if name == "fp32" else "bf16")
+        r = torchrun(["tiny_continued_cpu", *SHORT[1:], f"train.run_dir={run_dir}", precision, *extra,
+                      "train.steps=3", "optimizer.warmup_steps=1"], {"DEMO_DATA": str(demo_data)})
+        assert r.returncode == 0, r.stderr[-4000:]
+        runs[name] = run_dir
+    return root, hf_model, runs
+
+
+def _hf_loss_on_first_batch(demo_data, hf_model, run_dir, cache) -> float:
+    """Hugging Face's loss on step 1's global batch, computed in the model's own dtype."""
+    from llama_plugin.data import build_datasets
 
     cfg = compose("tiny_continued_cpu", [f"train.run_dir={run_dir}"], RecipeConfig)
     data_cfg = OmegaConf.merge(cfg.data, {"tokenizer_model": str(demo_data / "tokenizer.model"),
                                           "sources": {"books": {"prefix": str(demo_data / "books_text_document")}}})
-    train_ds, _, _ = build_datasets(data_cfg, 128, cfg.train.seed, 2 * 8, 2 * 8, str(tmp_path / "cache"))
-    samples = [train_ds[i] for i in range(8)]  # step 1's global batch
+    train_ds, _, _ = build_datasets(data_cfg, 128, cfg.train.seed, 3 * 8, 2 * 8, str(cache))
+    samples = [train_ds[i] for i in range(8)]
     tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
     labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
     with torch.no_grad():
         logits = hf_model(tokens).logits
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
+
+
+def test_training_starts_from_converted_hf_weights(demo_data, continued, tmp_path):
+    """fp32: the first step's loss equals Hugging Face's loss on the same global batch (1e-5)."""
+    root, hf_model, runs = continued
+    ref = _hf_loss_on_first_batch(demo_data, hf_model, runs["fp32"], tmp_path / "cache")
+    first_loss = losses(runs["fp32"])[0][1]
     assert abs(first_loss - ref) <= 1e-5, (first_loss, ref)
-    assert "initial weights from" in (run_dir / "config.yaml").read_text()
+    assert "initial weights from" in (runs["fp32"] / "config.yaml").read_text()
+
+
+def test_bf16_continued_pretraining_keeps_the_loaded_weights(demo_data, continued, tmp_path):
+    """bf16: step 1's loss is HF's bf16 loss (1e-2), and 3 steps later the weights are those of the
+    fp32 run from the same HF weights, up to bf16 rounding, and nowhere near a run from random
+    weights. (Before the optimizer's fp32 main params were reloaded after train.load, step 1
+    replaced the loaded weights with the random initialisation.)"""
+    import copy
+
+    root, hf_model, runs = continued
+    ref_bf16 = _hf_loss_on_first_batch(demo_data, copy.deepcopy(hf_model).to(torch.bfloat16), runs["bf16"],
+                                       tmp_path / "cache")
+    bf16_losses = [r[1] for r in losses(runs["bf16"])]
+    fp32_losses = [r[1] for r in losses(runs["fp32"])]
+    print("losses fp32", fp32_losses, "bf16", bf16_losses, "HF bf16 step 1", ref_bf16,
+          "bf16 from random", [r[1] for r in losses(runs["bf16_random"])])
+    assert abs(bf16_losses[0] - ref_bf16) <= 1e-2, (bf16_losses[0], ref_bf16)
+    assert max(abs(a - b) for a, b in zip(bf16_losses, fp32_losses)) <= 2e-2
+    fp32, bf16 = final_weights(runs["fp32"], tmp_path, "fp32"), final_weights(runs["bf16"], tmp_path, "bf16")
+    rand = final_weights(runs["bf16_random"], tmp_path, "rand")
+    assert {str(t.dtype) for t in bf16.values()} == {"torch.bfloat16"}
+    worst_close, nearest_random = 0.0, float("inf")
+    for name, w in fp32.items():
+        scale = w.float().norm()
+        worst_close = max(worst_close, ((bf16[name].float() - w.float()).norm() / scale).item())
+        if "norm" not in name:  # norm weights start at 1 in both
+            nearest_random = min(nearest_random, ((rand[name].float() - w.float()).norm() / scale).item())
+    print(f"relative distance to the fp32 run: bf16 {worst_close:.3g} (worst tensor), random start "
+          f"{nearest_random:.3g} (nearest tensor)")
+    assert worst_close <= 2e-2
+    assert nearest_random >= 0.5
