@@ -98,8 +98,8 @@ class ClusterConfig:
     name: str = MISSING
     nodes: int = 1
     gpus_per_node: int = 8  # processes per node (CPU processes on `local`)
-    # Dense bf16 FLOP/s for MFU of a GPU missing from llama_plugin/throughput.py's table (A100,
-    # H100, H200 are detected); the figure used and its source are written to the run config.
+    # Dense bf16 FLOP/s per GPU for MFU. Always used when set; else llama_plugin/throughput.py's
+    # table by exact device name (an unknown GPU: a warning and no MFU). Written to the run config.
     peak_flops_per_gpu: Optional[float] = None
     # --- Slurm (slurm/launch.py); the rest is ignored by a direct torchrun ---
     partition: Optional[str] = None

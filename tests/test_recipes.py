@@ -101,11 +101,57 @@ def test_invalid_override_names_the_field(overrides, world, field):
 def test_knobs_that_cannot_apply_are_reported_and_turned_off():
     cfg, notes = resolve(recipe("tiny_cpu", "parallel.tp_comm_overlap=true"), 2, have_te=False, have_cuda=False)
     assert cfg.parallel.tp_comm_overlap is False
-    assert any("tp_comm_overlap turned off" in n and "TransformerEngine" in n and "CUDA" in n for n in notes)
+    assert any("tp_comm_overlap turned off" in n and "model.transformer_impl=te" in n and "CUDA" in n for n in notes)
     cfg, notes = resolve(recipe("tiny_cpu", "parallel=cpu_single", "parallel.sequence_parallel=true"), 2)
     assert cfg.parallel.sequence_parallel is False and any("sequence_parallel turned off" in n for n in notes)
-    cfg, notes = resolve(recipe("llama_65b_pretrain"), 2048, have_te=True, have_cuda=True)
+    cfg, notes = resolve(recipe("llama_65b_pretrain", "model.transformer_impl=te", "parallel.tp_comm_overlap=true"),
+                         2048, have_te=True, have_cuda=True)
     assert cfg.parallel.tp_comm_overlap and cfg.parallel.data == 64 and notes == []
+    # TE's userbuffers overlap needs TE's modules, not just an importable TE.
+    cfg, notes = resolve(recipe("llama_65b_pretrain", "parallel.tp_comm_overlap=true"), 2048, have_te=True, have_cuda=True)
+    assert not cfg.parallel.tp_comm_overlap and any("model.transformer_impl=te" in n for n in notes)
+
+
+def test_transformer_impl_is_checked():
+    with pytest.raises(RecipeError, match="model.transformer_impl: 'te' needs TransformerEngine"):
+        resolve(recipe("tiny_cpu", "model.transformer_impl=te"), 2, have_te=False)
+    with pytest.raises(RecipeError, match="model.transformer_impl: 'flash' is not one of local, te"):
+        resolve(recipe("tiny_cpu", "model.transformer_impl=flash"), 2)
+    assert resolve(recipe("tiny_cpu"), 2)[0].model.transformer_impl == "local"
+
+
+# Names as torch.cuda.get_device_name() reports them.
+PEAK_NAMES = {
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835.5e12, "NVIDIA H200": 989.4e12, "NVIDIA H200 NVL": 835.5e12,
+    "NVIDIA GH200 480GB": 989.4e12, "NVIDIA L40S": 362.05e12, "NVIDIA L40": 181.05e12, "NVIDIA A10": 125e12,
+    "NVIDIA L4": 121e12, "NVIDIA A40": 149.7e12, "NVIDIA B200": 2250e12,
+}
+NOT_IN_TABLE = ["NVIDIA RTX A1000", "NVIDIA RTX A1000 Laptop GPU", "NVIDIA A10G", "NVIDIA A100X", "NVIDIA A16",
+                "NVIDIA RTX A4000", "NVIDIA GeForce RTX 4090", "Tesla V100-SXM2-32GB", "NVIDIA H100", "NVIDIA L4T"]
+
+
+def test_dense_bf16_peak_matches_whole_device_names():
+    from llama_plugin.throughput import dense_bf16_peak
+
+    for name, peak in PEAK_NAMES.items():
+        found = dense_bf16_peak(name)
+        assert found and found[0] == peak and found[1].startswith(name), name
+    for name in NOT_IN_TABLE:
+        assert dense_bf16_peak(name) is None, name
+
+
+def test_configured_peak_wins_and_an_unknown_gpu_gives_no_mfu():
+    from llama_plugin.throughput import peak_flops_per_device
+
+    assert peak_flops_per_device(400e12, "NVIDIA H100 80GB HBM3") == (400e12, "cluster.peak_flops_per_gpu")
+    assert peak_flops_per_device(None, "NVIDIA H100 PCIe")[0] == 756e12
+    with pytest.warns(UserWarning, match="NVIDIA RTX A1000: not in"):
+        peak, why = peak_flops_per_device(None, "NVIDIA RTX A1000")
+    assert peak is None and "cluster.peak_flops_per_gpu" in why
+    m = speed_metrics(tokens=1000, seconds=1.0, devices=1, flops_per_token=10, peak=peak)
+    assert "throughput/mfu" not in m and m["throughput/tflops_per_gpu"] == pytest.approx(1e-8)
 
 
 def test_mfu_for_the_7b_shape_by_hand():
