@@ -27,9 +27,15 @@ def init_distributed(
     timeout_minutes: int = 30,
 ) -> None:
     """Initialize torch.distributed (once) and megatron-core's model-parallel groups."""
-    if torch.cuda.is_available():
-        # megatron-core overlaps TP/SP communication with compute only with one hardware queue.
-        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    if torch.cuda.is_available() and tensor_parallel > 1:
+        # megatron-core's TP/SP communication overlaps compute correctly only when kernels are issued
+        # in order on one hardware queue (Megatron-LM asserts it). Set here, before CUDA starts.
+        current = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+        if current not in (None, "1"):
+            import warnings
+
+            warnings.warn(f"CUDA_DEVICE_MAX_CONNECTIONS={current} replaced by 1: tensor parallelism needs one queue")
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     cpu_compat.activate()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -98,3 +98,21 @@ def test_refuses_to_overwrite_a_checkpoint(hf_tiny, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(CheckpointError, match="already exists"):
         hf_to_mcore(hf_tiny[0], tmp_path / "out")
+
+
+def test_transformer_engine_requested_where_it_does_not_import(tmp_path):
+    """model.transformer_impl=te without TransformerEngine: one line naming the field, exit 2,
+    before anything is written."""
+    import subprocess
+    import sys
+
+    from llama_plugin.layers.spec import te_importable
+
+    assert not te_importable()  # this test is about a machine without TE (CI's)
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.train", "tiny_cpu", "model.transformer_impl=te",
+                        f"train.run_dir={run_dir}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.transformer_impl: 'te' needs TransformerEngine" in errors[0], r.stderr
+    assert not run_dir.exists() and not list(tmp_path.iterdir())

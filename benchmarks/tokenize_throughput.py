@@ -7,8 +7,8 @@ output is checked byte-identical to the baseline's. Prints median wall time, doc
 process, CPU seconds (process + workers) and MB per CPU-second, with ratios to the baseline, then a
 JSON line. On a shared machine the wall figures depend on the other load; the CPU figures much less.
 
-    python benchmarks/tokenize.py [--mb 24] [--workers 2] [--repeats 3] [--vocab-size 8000]
-    python benchmarks/tokenize.py --input my.jsonl --tokenizer tokenizer.model
+    python benchmarks/tokenize_throughput.py [--mb 24] [--workers 2] [--repeats 3] [--vocab-size 8000]
+    python benchmarks/tokenize_throughput.py --input my.jsonl --tokenizer tokenizer.model
 
 Without --input the corpus is the demo book (Botchan, from the sentencepiece sdist on PyPI), its
 paragraphs shuffled (seeded) and repeated to --mb megabytes of JSONL, with a tokenizer trained on it.
@@ -19,9 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file's name shadows the standard library's `tokenize` (numpy imports it): search the
-# repository root instead of this folder.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 
 import argparse  # noqa: E402
 import json  # noqa: E402
