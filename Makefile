@@ -8,7 +8,8 @@ PYTEST_ARGS ?=
 
 .PHONY: setup system test test-fast demo clean
 
-setup: $(STAMP) system
+# Python packages only: no root, no compiler (the demo needs nothing else).
+setup: $(STAMP)
 
 # Debian packages the Slurm tests use: a real Slurm (slurm/local_cluster.sh starts it) and
 # shellcheck for the rendered job scripts; g++ builds kenlm, which PyPI has only as source.
@@ -29,10 +30,17 @@ $(STAMP): requirements.txt
 	$(PIP) install --quiet -r requirements.txt
 	touch $@
 
-test: setup
+# kenlm (CCNet's perplexity filter in data_prep) builds from source with g++ from `system`.
+KENLM_STAMP := $(VENV)/.kenlm-installed
+$(KENLM_STAMP): requirements-kenlm.txt $(STAMP) | system
+	$(PIP) install --quiet -r requirements-kenlm.txt
+	touch $@
+
+# The tests also need the system tools (a real Slurm, shellcheck) and kenlm.
+test: setup system $(KENLM_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup system $(KENLM_STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The main job: real English text -> tokenizer -> indexed dataset -> tiny LLaMA trained with

@@ -49,7 +49,11 @@ class PerplexityScorer:
     """Perplexity of a text under a KenLM model, lines tokenized as the model was trained."""
 
     def __init__(self, model_path: str, tokenizer_path: str | None = None):
-        import kenlm
+        try:
+            import kenlm
+        except ImportError:
+            raise InputError("commoncrawl.kenlm_model: the kenlm package is not installed "
+                             "(pip install -r requirements-kenlm.txt; it builds with g++)") from None
 
         if not Path(model_path).is_file():
             raise InputError(f"{model_path}: KenLM model does not exist")
