@@ -9,6 +9,8 @@ Prints one JSON line with every figure:
   parity      fp32 and bf16 logits of our model against Hugging Face's LlamaForCausalLM on the same
               device (a tiny model, and one 7B-shaped layer: hidden 4096, ffn 11008, 32 heads), and
               greedy ids of both (full recompute each step, no KV cache on either side)
+  te_checkpoints  where TransformerEngine imports: a converted checkpoint in TE's modules against
+              HF's logits, and the TE model's own checkpoint back to the HF tensors bit for bit
   train       a 1-GPU bf16 run of `tiny_cpu` (50 steps): the loss falls; a second run killed with
               SIGKILL after its step-20 checkpoint and resumed: are its losses bitwise the first's?
   throughput  step time, tokens/s/GPU, TFLOP/s, MFU of 7B-shaped layers (seq 2048) with the largest
@@ -112,6 +114,52 @@ def parity(work: Path, smoke: bool) -> list[dict]:
     cases = [("tiny", TINY, 64), ("llama_7b_layer", LAYER_7B_SMOKE if smoke else LAYER_7B, 64 if smoke else 512)]
     return [parity_case(name, shape, precision, work, seq, 8 if smoke else 16)
             for name, shape, seq in cases for precision in ("fp32", "bf16")]
+
+
+def te_checkpoints(work: Path) -> list[dict]:
+    """Where TransformerEngine imports: a converted checkpoint (local module names, no TE
+    `_extra_state`) loads into TE's modules and gives Hugging Face's logits, and the TE model's own
+    checkpoint converts back to the original HF tensors bit for bit."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from llama_plugin import checkpoint
+    from llama_plugin.convert import hf_to_mcore, mcore_to_hf
+    from llama_plugin.distributed import init_distributed
+    from llama_plugin.generate import last_stage_logits
+    from llama_plugin.model import build_gpt_model, transformer_config
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    out = []
+    for precision in ("fp32", "bf16"):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        case_dir = work / f"te_{precision}"
+        shutil.rmtree(case_dir, ignore_errors=True)
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(**TINY, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+        hf_model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+        hf_model.save_pretrained(case_dir / "hf")
+        hf_to_mcore(case_dir / "hf", case_dir / "mcore")
+        model_cfg, _ = checkpoint.read_model_record(case_dir / "mcore")
+        init_distributed(1, 1)
+        config = transformer_config(model_cfg, params_dtype=dtype, transformer_impl="te")
+        model = build_gpt_model(model_cfg, config, transformer_impl="te")
+        checkpoint.load_checkpoint([model], case_dir / "mcore")
+        model.eval()
+        tokens = torch.randint(0, TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ours = last_stage_logits(model, tokens)
+            theirs = hf_model.to(device)(tokens.to(device)).logits.float().cpu()
+        checkpoint.save_checkpoint([model], case_dir / "te_ckpt", model_cfg, dtype)
+        mcore_to_hf(case_dir / "te_ckpt", case_dir / "hf_back")
+        a, b = load_file(case_dir / "hf" / "model.safetensors"), load_file(case_dir / "hf_back" / "model.safetensors")
+        bitwise = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        diff = (ours - theirs).abs().max().item()
+        out.append({"precision": precision, "te_logits_max_abs_diff": diff, "tolerance": LOGIT_TOL[precision],
+                    "te_checkpoint_to_hf_bitwise": bitwise, "ok": bitwise and diff <= LOGIT_TOL[precision]})
+        del model, hf_model
+        shutil.rmtree(case_dir, ignore_errors=True)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -232,6 +280,13 @@ def main(argv=None) -> int:
         checks["parity"] = all(c["ok"] for c in report["parity"])
         report["parity_peak_allocated_gb"] = (torch.cuda.max_memory_allocated() / 2**30
                                               if torch.cuda.is_available() else None)
+    if "parity" not in args.skip:
+        if te_importable() and not args.cpu_smoke:
+            report["te_checkpoints"] = te_checkpoints(work)
+            checks["te_checkpoints"] = all(c["ok"] for c in report["te_checkpoints"])
+        else:
+            report["te_checkpoints"] = "not run: TransformerEngine does not import" if not te_importable() else \
+                "not run in --cpu-smoke"
     if "train" not in args.skip:
         demo_data = args.demo_data
         if demo_data is None:

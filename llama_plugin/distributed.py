@@ -52,13 +52,20 @@ def init_distributed(
             f"tensor_model_parallel_size * pipeline_model_parallel_size = "
             f"{tensor_parallel} * {pipeline_parallel}"
         )
-    if parallel_state.model_parallel_is_initialized():
+    # Groups are built once per layout: megatron-core's destroy_model_parallel() forgets its groups
+    # but does not free them, and every gloo group keeps polling threads alive (a test process that
+    # re-initialized per test gathered ~2,000 threads and spent most of its CPU in them).
+    layout = (tensor_parallel, pipeline_parallel)
+    if parallel_state.model_parallel_is_initialized() and layout != (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size()):
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        distributed_timeout_minutes=timeout_minutes,
-    )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            distributed_timeout_minutes=timeout_minutes,
+        )
     # As Megatron-LM: one seed per pipeline stage, the same on tensor-parallel peers (with CPU
     # initialization their shards are slices of one master weight drawn from this generator).
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
