@@ -9,8 +9,10 @@ Layout of a checkpoint directory:
 A distributed checkpoint stores global tensors, so its weights load into any TP/PP layout the shape
 allows; the distributed optimizer's state is per data-parallel shard of its buckets (see
 OPTIMIZER_METADATA), so a training resume with it keeps TP, PP and the bucket size.
-Saving is atomic: everything is written to a temporary sibling directory that is renamed into place
-only when complete, so a crash never leaves a directory that looks like a checkpoint.
+Saving is atomic and verified: everything is written to a temporary sibling directory, every rank
+fsyncs what it wrote, manifest.json records a checksum per file (stability/manifest.py), and only
+then is the directory renamed into place; a crash never leaves a directory that looks like a
+checkpoint, and training never resumes from one whose files do not match their manifest.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from omegaconf import OmegaConf
 
+from llama_plugin.stability import manifest
 from recipes.schema import ModelConfig
 from recipes import validate
 
@@ -80,16 +83,31 @@ def save_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, optimi
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"] if len(model_chunks) == 1 else state, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(tmp))
+    record = {"model": OmegaConf.to_container(model_cfg), "params_dtype": dtype_name(dtype)}
     if rank == 0:
-        record = {"model": OmegaConf.to_container(model_cfg), "params_dtype": dtype_name(dtype)}
         files = {MODEL_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})}
         if train_state is not None:
             files[TRAIN_STATE_FILE] = json.dumps(train_state, indent=2) + "\n"
         for name, text in files.items():
             (tmp / name).write_text(text)
-        _fsync_dir(tmp)
-        os.replace(tmp, out_dir)
     dist.barrier()
+    # Every rank fsyncs and hashes its own files; then the rename, made durable by the parent's fsync.
+    manifest.write_manifest(tmp, {"model": record, "resume_fields": (train_state or {}).get("resume_fields")})
+    if rank == 0:
+        os.replace(tmp, out_dir)
+        manifest.fsync_dir(out_dir.parent)
+    dist.barrier()
+
+
+def set_aside(ckpt_dir) -> Path:
+    """Rename a checkpoint that failed verification out of the way (kept for inspection, never
+    loaded or pruned): <name>.corrupt-<n>."""
+    ckpt_dir = Path(ckpt_dir)
+    n = 1
+    while (target := ckpt_dir.with_name(f"{ckpt_dir.name}.corrupt-{n}")).exists():
+        n += 1
+    os.replace(ckpt_dir, target)
+    return target
 
 
 def read_model_record(ckpt_dir) -> tuple:
@@ -214,10 +232,3 @@ def prune_checkpoints(ckpt_root, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
     for d in Path(ckpt_root).glob("step_*.tmp"):
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())

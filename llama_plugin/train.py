@@ -33,6 +33,7 @@ from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.metrics_log import MetricsLog, format_line
 from llama_plugin.run_files import FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
+from llama_plugin.stability import manifest
 from llama_plugin.train_step import build_optimizer, eval_loss, train_step, wrap_ddp
 from recipes import RecipeError, compose, load_file
 from recipes.schema import RecipeConfig
@@ -154,13 +155,16 @@ def run(cfg, notes: list[str]) -> dict:
 
     # Resume from the newest complete checkpoint, else start from train.load, else from scratch.
     start_step = 0
-    complete = checkpoint.complete_checkpoints(ckpt_root)
-    if complete:
-        state = checkpoint.load_checkpoint(chunks, complete[-1][1], optimizer)
+    resume_dir = newest_verified_checkpoint(ckpt_root, notes)
+    if resume_dir is not None:
+        state = checkpoint.load_checkpoint(chunks, resume_dir, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
-        notes.append(f"resumed from {complete[-1][1]} (step {start_step})")
+        notes.append(f"resumed from {resume_dir} (step {start_step})")
     elif t.load:
+        reason = manifest.verify(Path(t.load))
+        if reason:
+            raise checkpoint.CheckpointError(f"train.load: {reason}")
         checkpoint.load_checkpoint(chunks, t.load)
         # With bf16 the optimizer copied the (random) weights into its fp32 main params when it was
         # built; without this the first step would overwrite the loaded weights with them.
@@ -209,7 +213,8 @@ def run(cfg, notes: list[str]) -> dict:
         if p.overlap_param_gather:
             for c in chunks:
                 c.enable_forward_pre_hook()
-        if rank == 0:
+        # A run whose loss went non-finite keeps its older checkpoints: they are the way back.
+        if rank == 0 and last_loss is not None and math.isfinite(last_loss):
             checkpoint.prune_checkpoints(ckpt_root, t.keep_checkpoints)
 
     stop = StopRequest(run_dir / STOP_FILE)
@@ -289,6 +294,25 @@ def run(cfg, notes: list[str]) -> dict:
     return summary
 
 
+def newest_verified_checkpoint(ckpt_root: Path, notes: list[str]) -> Path | None:
+    """Collective: the newest complete checkpoint whose files match their manifest. Newer ones that
+    do not (a torn write, a flipped byte) are set aside as <name>.corrupt-<n>, with a note."""
+    for _, ckpt in reversed(checkpoint.complete_checkpoints(ckpt_root)):
+        reason = manifest.verify(ckpt)
+        if reason is None:
+            if manifest.read_manifest(ckpt) is None:
+                notes.append(f"warning: {ckpt} has no manifest (written before manifests); loaded unverified")
+            return ckpt
+        dist.barrier()
+        if dist.get_rank() == 0:
+            aside = checkpoint.set_aside(ckpt)
+            print(f"[llama_plugin.train] warning: {reason}; set aside as {aside.name}, trying an older checkpoint",
+                  file=sys.stderr, flush=True)
+        notes.append(f"warning: {ckpt} failed verification ({reason}); set aside")
+        dist.barrier()
+    return None
+
+
 def count_parameters(model) -> int:
     """Parameters of the whole model from this rank's part: tensor-parallel shards summed over the
     model-parallel group, replicated weights (norms) counted once."""
@@ -325,13 +349,15 @@ def resume_fields(cfg) -> dict:
 
 def check_resume(cfg) -> None:
     """Before any work: a run directory's newest checkpoint must fit the recipe (or the load must)."""
-    complete = checkpoint.complete_checkpoints(Path(cfg.train.run_dir) / "checkpoints")
-    if complete:
-        saved = json.loads((complete[-1][1] / checkpoint.TRAIN_STATE_FILE).read_text()).get("resume_fields", {})
+    for _, ckpt in reversed(checkpoint.complete_checkpoints(Path(cfg.train.run_dir) / "checkpoints")):
+        try:  # a torn newest checkpoint is set aside later (newest_verified_checkpoint); compare with the next
+            saved = json.loads((ckpt / checkpoint.TRAIN_STATE_FILE).read_text()).get("resume_fields", {})
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
         now = resume_fields(cfg)
         for key, value in saved.items():
             if key in now and now[key] != value:
-                raise RecipeError(f"{key}: {now[key]!r} differs from {value!r} in {complete[-1][1]}; an exact resume "
+                raise RecipeError(f"{key}: {now[key]!r} differs from {value!r} in {ckpt}; an exact resume "
                                   f"needs the same value (or use a new train.run_dir)")
         return
     if cfg.train.load:
@@ -371,6 +397,10 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = run(cfg, notes)
+    except checkpoint.CheckpointError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
     if int(os.environ.get("RANK", 0)) == 0:

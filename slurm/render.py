@@ -26,6 +26,20 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")
 
 
+def time_limit_seconds(text: str) -> int:
+    """Seconds in a Slurm time limit: minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:
+        h, m, s = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + s
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
 def _check_text(field: str, value: str) -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise RecipeError(f"{field}: control characters (newline, tab, ...) are not allowed: {value!r}")
@@ -69,6 +83,10 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
     for key in ("cpus_per_node", "rdzv_port", "signal_lead_s", "chain_jobs", "max_failures"):
         if c[key] <= 0:
             raise RecipeError(f"cluster.{key}: must be > 0, got {c[key]}")
+    limit = time_limit_seconds(c.time_limit)
+    if c.signal_lead_s >= limit or c.signal_lead_s > 65535:  # sbatch --signal takes at most 65535 s
+        raise RecipeError(f"cluster.signal_lead_s: {c.signal_lead_s} s must be shorter than cluster.time_limit="
+                          f"{c.time_limit} ({limit} s) and at most 65535 s: the checkpoint signal would come too early")
     if c.max_restarts < 0:
         raise RecipeError(f"cluster.max_restarts: must be >= 0, got {c.max_restarts}")
     slurm_dir = run_dir / "slurm"
@@ -98,7 +116,9 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
         if not _ENV_NAME.match(name):
             raise RecipeError(f"cluster.env: {name!r} is not a valid environment variable name")
         setup.append(f"export {name}={sh(f'cluster.env.{name}', value)}")
-    srun_opts = ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    # Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without it the node's one
+    # task (torchrun and all its ranks) is bound to a single CPU.
+    srun_opts = ["--ntasks-per-node=1", f"--cpus-per-task={int(c.cpus_per_node)}", "--kill-on-bad-exit=1"]
     if c.container_image:
         srun_opts.append(f"--container-image={sh('cluster.container_image', c.container_image)}")
         if c.container_mounts:

@@ -111,6 +111,14 @@ def logged_steps(text: str) -> list[int]:
 # ---------------------------------------------------------------------------------- rendering
 
 
+def test_time_limit_seconds():
+    from slurm.render import time_limit_seconds
+
+    cases = {"30": 1800, "5:30": 330, "1:00:00": 3600, "2-0": 172800, "2-3": 183600, "1-2:30": 95400,
+             "1-00:00:10": 86410}
+    assert {t: time_limit_seconds(t) for t in cases} == cases
+
+
 def test_layout_that_does_not_fit_the_allocation_fails_before_submission(demo_data, tmp_path, monkeypatch):
     monkeypatch.setenv("DEMO_DATA", str(demo_data))
     # The command line: exit 2, the field named, nothing written or submitted.
@@ -128,6 +136,8 @@ def test_layout_that_does_not_fit_the_allocation_fails_before_submission(demo_da
         (["cluster=local", "cluster.partitoin=gpu"], "partitoin"),
         (["cluster=local", "cluster.max_restarts=-1"], "cluster.max_restarts"),
         (["cluster=local", "+cluster.env.BAD-NAME=1"], "cluster.env"),
+        (["cluster=local", "cluster.time_limit=5", "cluster.signal_lead_s=300"], "cluster.signal_lead_s: 300 s"),
+        (["cluster=local", "cluster.time_limit=0-1", "cluster.signal_lead_s=70000"], "at most 65535 s"),
     ]
     for overrides, message in cases:
         run_dir = tmp_path / f"run{len(message)}"
@@ -169,6 +179,8 @@ def test_rendered_scripts_pass_shellcheck_and_quote_every_value(demo_data, tmp_p
     assert "export NCCL_SOCKET_IFNAME='eth0 `id`'" in text
     assert '#SBATCH --partition="gpu a"' in text and '#SBATCH --account="proj;1"' in text
     assert "module load 'nccl 2'" in text and "--container-image=nvcr.io/nvidia/pytorch:24.05-py3" in text
+    # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): the task gets the node's CPUs.
+    assert "#SBATCH --cpus-per-task=128" in text and "srun --ntasks-per-node=1 --cpus-per-task=128 " in text
     # The composed recipe the job trains from, with the run dir made absolute.
     saved = OmegaConf.load(scripts[2].parent / "recipe.yaml")
     assert saved.train.run_dir == str(run_dir / "llama_65b_pretrain") and saved.cluster.partition == "gpu a"

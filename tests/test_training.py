@@ -54,7 +54,9 @@ def start_run_and_wait(demo_data, run_dir, logged_steps: int, *extra) -> subproc
 
 
 def final_weights(run_dir, tmp_path, name):
-    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    from llama_plugin.checkpoint import complete_checkpoints
+
+    ckpt = complete_checkpoints(run_dir / "checkpoints")[-1][1]
     mcore_to_hf(ckpt, tmp_path / name)
     return load_file(tmp_path / name / "model.safetensors")
 
@@ -163,6 +165,29 @@ def test_bf16_distributed_optimizer_kill_9_resumes_bitwise(demo_data, tmp_path):
     assert resumed == full
     cfg = (run_dir / "config.yaml").read_text()
     assert "precision: bf16" in cfg and "distributed_optimizer: true" in cfg
+
+
+@pytest.mark.slow
+def test_corrupted_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+        demo_data, uninterrupted, tmp_path):
+    """A flipped byte in the newest checkpoint: the restart verifies it against its manifest, sets
+    it aside, resumes from the previous verified one and reproduces the uninterrupted run bitwise."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    newest = run_dir / "checkpoints" / "step_00000012"
+    target = max(newest.glob("__*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    target.write_bytes(bytes(data))
+    r = run(demo_data, run_dir)
+    assert f"{target.name}: checksum differs from the manifest" in r.stderr
+    assert "resumed from" in r.stdout and r.stdout.count("step_00000008 (step 8)") == 1, r.stdout[-2000:]
+    assert (run_dir / "checkpoints" / "step_00000012.corrupt-1" / target.name).read_bytes() == bytes(data)
+    assert losses(run_dir) == losses(uninterrupted)
+    a, b = final_weights(uninterrupted, tmp_path, "a"), final_weights(run_dir, tmp_path, "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
