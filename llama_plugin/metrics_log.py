@@ -13,6 +13,23 @@ import uuid
 from pathlib import Path
 
 
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Keep the rows of a metrics.jsonl up to `step` (a resume replays the rest); a line torn by a
+    crash mid-append is dropped, not fatal."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, logging_cfg, run_config: dict, resume_step: int, enabled: bool):
         self.enabled = enabled
@@ -34,18 +51,7 @@ class MetricsLog:
             )
 
     def _truncate_after(self, step: int) -> None:
-        if not self.jsonl.is_file():
-            return
-        keep = []
-        for line in self.jsonl.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line torn by a crash mid-append
-        tmp = self.jsonl.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.jsonl)
+        truncate_jsonl_after(self.jsonl, step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

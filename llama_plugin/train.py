@@ -331,11 +331,13 @@ def _peak_rss_bytes() -> int:
 
 
 # Fields a resumed run must share with the checkpoint to continue exactly: the data order (batch,
-# sequence, seed, steps -> dataset size, sources), the schedule, and for the distributed optimizer
+# sequence, seed, steps -> dataset size, sources), the schedule (weight decay is also part of the
+# optimizer's saved param groups, which megatron asserts on after the model is built), and for the distributed optimizer
 # (saved per data-parallel shard of its buckets) the model-parallel layout and bucket size.
 _RESUME_FIELDS = ("train.global_batch_size", "model.seq_length", "train.seed", "train.steps", "data.sources",
                   "data.split", "optimizer.lr", "optimizer.min_lr_ratio", "optimizer.warmup_steps",
-                  "optimizer.decay_steps", "optimizer.decay_style", "parallel.distributed_optimizer")
+                  "optimizer.decay_steps", "optimizer.decay_style", "optimizer.weight_decay",
+                  "parallel.distributed_optimizer")
 _DISTOPT_RESUME_FIELDS = ("parallel.tensor", "parallel.pipeline", "parallel.bucket_size")
 
 

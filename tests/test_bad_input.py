@@ -116,3 +116,20 @@ def test_transformer_engine_requested_where_it_does_not_import(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model.transformer_impl: 'te' needs TransformerEngine" in errors[0], r.stderr
     assert not run_dir.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("log", ["pretraining", "finetuning"])
+def test_a_torn_last_metrics_line_does_not_break_the_resume(log, tmp_path):
+    """A crash mid-append leaves half a JSON line; the resume drops it with the replayed rows."""
+    from omegaconf import OmegaConf
+
+    from llama_plugin.finetune.trainer import JsonlLog
+    from llama_plugin.metrics_log import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "tr')
+    if log == "pretraining":
+        MetricsLog(tmp_path, OmegaConf.create({"wandb_mode": "disabled"}), {"name": "x"}, 2, enabled=True)
+    else:
+        JsonlLog(path, 2, enabled=True)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

@@ -183,5 +183,8 @@ def test_resume_refuses_a_recipe_that_changes_the_data_order(tmp_path):
     changed, _ = resolve(recipe("tiny_cpu", f"train.run_dir={tmp_path}", "train.global_batch_size=32"), 2)
     with pytest.raises(RecipeError, match="train.global_batch_size"):
         check_resume(changed)
+    decay, _ = resolve(recipe("tiny_cpu", f"train.run_dir={tmp_path}", "optimizer.weight_decay=0.05"), 2)
+    with pytest.raises(RecipeError, match="optimizer.weight_decay: 0.05 differs from 0.1"):
+        check_resume(decay)
     other_layout, _ = resolve(recipe("tiny_cpu", f"train.run_dir={tmp_path}", "parallel=cpu_single"), 2)
     check_resume(other_layout)  # without the distributed optimizer the layout may change

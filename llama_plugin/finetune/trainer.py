@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from llama_plugin.finetune import ds_checkpoint, schedule
 from llama_plugin.finetune.ds_config import deepspeed_config, gradient_accumulation_steps
 from llama_plugin.finetune.sft_data import IGNORE_INDEX, SftDataError, SftDataset, collate
+from llama_plugin.metrics_log import truncate_jsonl_after
 from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE, StopRequest
 from recipes import RecipeError, compose, load_file
 from recipes.finetune_schema import FinetuneConfig, check_finetune
@@ -141,11 +142,8 @@ class JsonlLog:
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
-        if enabled and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
+        if enabled:
+            truncate_jsonl_after(path, resume_step)  # a line torn by a crash is dropped
 
     def log(self, row: dict) -> None:
         if self.enabled:
