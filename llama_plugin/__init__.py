@@ -1,13 +1,15 @@
 """LLaMA on megatron-core: the layer spec, model building, CPU compatibility, HF interop, generation.
 
 Modules (one concept each):
-  spec.py        the LLaMA layer/block ModuleSpec (TransformerEngine or local modules)
-  norm.py        RMSNorm that works under sequence parallelism (local path)
+  layers/        the LLaMA layer/block ModuleSpec (model.transformer_impl: local | te), the SDPA
+                 attention core, RMSNorm that works under sequence parallelism
   model.py       TransformerConfig from a model recipe, GPTModel, shape checks
   cpu_compat.py  megatron-core's CUDA assumptions answered on CPU (inactive with CUDA)
   distributed.py process groups, parallel_state, seeds; local multi-process worlds
   train_step.py  megatron DDP + optimizer + forward/backward schedules for one step
   checkpoint.py  atomic distributed checkpoints with the model recipe beside them
+  stability/     what keeps long runs alive: verified checkpoints (manifest.py)
+  throughput.py  tokens/s, TFLOP/s, MFU (dense bf16 peaks by exact GPU name)
   hf.py          Hugging Face folders and the name/layout map
   convert.py     python -m llama_plugin.convert (hf-to-mcore, mcore-to-hf)
   generate.py    python -m llama_plugin.generate
