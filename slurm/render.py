@@ -23,6 +23,11 @@ from recipes import RecipeError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:@+,=-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Variables the job script sets and reads itself (cluster.env is exported after them, so an entry
+# of the same name would silently replace one), and Slurm's own SLURM_*.
+_SCRIPT_VARIABLES = {"RUN_DIR", "SLURM_DIR", "SCRIPT", "MAX_RESTARTS", "CHAIN_JOBS", "MAX_FAILURES", "RESTARTS",
+                     "CHAIN_INDEX", "LLAMA_CHAIN_INDEX", "RECIPE_FILE", "TRAIN_MODULE", "NPROC_PER_NODE", "RDZV_PORT",
+                     "MASTER_ADDR", "stop_asked", "successor", "successor_record", "failures", "srun_pid", "rc"}
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")
 
 
@@ -115,6 +120,8 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
     for name, value in c.env.items():
         if not _ENV_NAME.match(name):
             raise RecipeError(f"cluster.env: {name!r} is not a valid environment variable name")
+        if name in _SCRIPT_VARIABLES or name.startswith("SLURM_"):
+            raise RecipeError(f"cluster.env.{name}: set by the job script (or by Slurm) itself; it cannot be overridden")
         setup.append(f"export {name}={sh(f'cluster.env.{name}', value)}")
     # Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without it the node's one
     # task (torchrun and all its ranks) is bound to a single CPU.

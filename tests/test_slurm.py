@@ -136,6 +136,8 @@ def test_layout_that_does_not_fit_the_allocation_fails_before_submission(demo_da
         (["cluster=local", "cluster.partitoin=gpu"], "partitoin"),
         (["cluster=local", "cluster.max_restarts=-1"], "cluster.max_restarts"),
         (["cluster=local", "+cluster.env.BAD-NAME=1"], "cluster.env"),
+        (["cluster=local", "+cluster.env.RUN_DIR=/elsewhere"], "cluster.env.RUN_DIR: set by the job script"),
+        (["cluster=local", "+cluster.env.SLURM_JOB_ID=1"], "cluster.env.SLURM_JOB_ID: set by the job script"),
         (["cluster=local", "cluster.time_limit=5", "cluster.signal_lead_s=300"], "cluster.signal_lead_s: 300 s"),
         (["cluster=local", "cluster.time_limit=0-1", "cluster.signal_lead_s=70000"], "at most 65535 s"),
     ]
