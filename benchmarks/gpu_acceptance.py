@@ -185,48 +185,66 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(victims, timeout=60)
 
 
-def train_and_resume(work: Path, demo_data: Path, smoke: bool) -> dict:
-    steps, save, kill_after = (5, 2, 3) if smoke else (50, 20, 30)
-    args = ["tiny_cpu", "parallel=cpu_single", f"train.steps={steps}", f"train.save_interval={save}",
-            "train.precision=bf16", "train.eval_interval=1000", "train.eval_batches=1", "optimizer.warmup_steps=2",
-            "logging.wandb_mode=disabled", "logging.progress_bar=false", "logging.log_interval=1"]
-    if smoke:
-        args += ["train.global_batch_size=2", "train.micro_batch_size=1", "model.num_layers=2", "model.seq_length=64"]
-    env = _python_env(demo_data)
-    full, killed = work / "train_full", work / "train_killed"
-    for d in (full, killed):
-        shutil.rmtree(d, ignore_errors=True)
-    # The uninterrupted run and the run to be killed go side by side (independent run directories).
-    t0 = time.perf_counter()
-    reference = subprocess.Popen(_train_cmd([*args, f"train.run_dir={full}"]), env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(_train_cmd([*args, f"train.run_dir={killed}"]), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    jsonl = killed / "metrics.jsonl"
-    while not (jsonl.is_file() and len(jsonl.read_text().splitlines()) >= kill_after):
-        if proc.poll() is not None:
-            reference.kill()
-            return {"ok": False, "error": "the run to be killed ended before the kill"}
-        time.sleep(0.02)
-    _kill_tree(proc)
-    _, err = reference.communicate()
-    if reference.returncode:
-        return {"ok": False, "error": err[-3000:]}
-    full_wall = time.perf_counter() - t0
-    killed_at = len(jsonl.read_text().splitlines())
-    r = subprocess.run(_train_cmd([*args, f"train.run_dir={killed}"]), env=env, capture_output=True, text=True)
-    if r.returncode:
-        return {"ok": False, "error": r.stderr[-3000:]}
-    a, b = _losses(full), _losses(killed)
-    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
-    falls = a[-1][1] < a[0][1] - (0.05 if smoke else 0.3)
-    bitwise = a == b
-    return {"recipe": "tiny_cpu (bf16, 1 process)", "steps": steps, "first_loss": a[0][1], "last_loss": a[-1][1],
-            "loss_falls": falls, "killed_after_step": killed_at, "resumed_from": save * (killed_at // save),
-            "resume_bitwise_equal": bitwise,
-            "resume_max_loss_diff": max(abs(x[1] - y[1]) for x, y in zip(a, b)) if len(a) == len(b) else None,
-            "uninterrupted_run_wall_s": full_wall, "max_allocated_gb": max(r["memory/max_allocated_gb"] for r in rows),
-            "ok": falls and bitwise}
+class TrainingRuns:
+    """The uninterrupted run and the run to be killed, side by side (independent run directories)
+    while other sections go on; a watcher thread sends SIGKILL once `kill_after` steps are logged."""
+
+    def __init__(self, work: Path, demo_data: Path, smoke: bool):
+        import threading
+
+        self.smoke = smoke
+        self.steps, self.save, self.kill_after = (6, 2, 3) if smoke else (50, 20, 30)
+        self.args = ["tiny_cpu", "parallel=cpu_single", f"train.steps={self.steps}", f"train.save_interval={self.save}",
+                     "train.precision=bf16", "train.eval_interval=1000", "train.eval_batches=1",
+                     "optimizer.warmup_steps=2", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+                     "logging.log_interval=1"]
+        if smoke:
+            self.args += ["train.global_batch_size=2", "train.micro_batch_size=1", "model.num_layers=2",
+                          "model.seq_length=64"]
+        self.env = _python_env(demo_data)
+        self.full, self.killed = work / "train_full", work / "train_killed"
+        for d in (self.full, self.killed):
+            shutil.rmtree(d, ignore_errors=True)
+        self.t0 = time.perf_counter()
+        self.reference = subprocess.Popen(_train_cmd([*self.args, f"train.run_dir={self.full}"]), env=self.env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.victim = subprocess.Popen(_train_cmd([*self.args, f"train.run_dir={self.killed}"]), env=self.env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.killed_at, self.error = None, None
+        self.watcher = threading.Thread(target=self._kill_in_time, daemon=True)
+        self.watcher.start()
+
+    def _kill_in_time(self) -> None:
+        jsonl = self.killed / "metrics.jsonl"
+        while not (jsonl.is_file() and len(jsonl.read_text().splitlines()) >= self.kill_after):
+            if self.victim.poll() is not None:
+                self.error = "the run to be killed ended before the kill"
+                return
+            time.sleep(0.02)
+        _kill_tree(self.victim)
+        self.killed_at = len(jsonl.read_text().splitlines())
+
+    def finish(self) -> dict:
+        """Wait for both, resume the killed run, compare."""
+        self.watcher.join()
+        _, err = self.reference.communicate()
+        if self.error or self.reference.returncode:
+            return {"ok": False, "error": self.error or err[-3000:]}
+        full_wall = time.perf_counter() - self.t0
+        r = subprocess.run(_train_cmd([*self.args, f"train.run_dir={self.killed}"]), env=self.env,
+                           capture_output=True, text=True)
+        if r.returncode:
+            return {"ok": False, "error": r.stderr[-3000:]}
+        a, b = _losses(self.full), _losses(self.killed)
+        rows = [json.loads(line) for line in (self.full / "metrics.jsonl").read_text().splitlines()]
+        falls = a[-1][1] < a[0][1] - (0.05 if self.smoke else 0.3)
+        bitwise = a == b
+        return {"recipe": "tiny_cpu (bf16, 1 process)", "steps": self.steps, "first_loss": a[0][1],
+                "last_loss": a[-1][1], "loss_falls": falls, "killed_after_step": self.killed_at,
+                "resumed_from": self.save * (self.killed_at // self.save), "resume_bitwise_equal": bitwise,
+                "resume_max_loss_diff": max(abs(x[1] - y[1]) for x, y in zip(a, b)) if len(a) == len(b) else None,
+                "uninterrupted_run_wall_s": full_wall,
+                "max_allocated_gb": max(r["memory/max_allocated_gb"] for r in rows), "ok": falls and bitwise}
 
 
 # --------------------------------------------------------------------------------------- throughput
@@ -273,21 +291,8 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "cpu_smoke": args.cpu_smoke, "te_importable": te_importable()}
     checks, section_s = {}, {}
-    if "parity" not in args.skip:
-        t = time.perf_counter()
-        report["parity"] = parity(work, args.cpu_smoke)
-        section_s["parity"] = time.perf_counter() - t
-        checks["parity"] = all(c["ok"] for c in report["parity"])
-        report["parity_peak_allocated_gb"] = (torch.cuda.max_memory_allocated() / 2**30
-                                              if torch.cuda.is_available() else None)
-    if "parity" not in args.skip:
-        if te_importable() and not args.cpu_smoke:
-            report["te_checkpoints"] = te_checkpoints(work)
-            checks["te_checkpoints"] = all(c["ok"] for c in report["te_checkpoints"])
-        else:
-            report["te_checkpoints"] = "not run: TransformerEngine does not import" if not te_importable() else \
-                "not run in --cpu-smoke"
-    if "train" not in args.skip:
+    runs = None
+    if "train" not in args.skip:  # started first: the runs go on while the parity checks run here
         demo_data = args.demo_data
         if demo_data is None:
             from data_prep.__main__ import demo
@@ -295,9 +300,24 @@ def main(argv=None) -> int:
             demo_data = work / "demo_data"
             if not (demo_data / "tokenizer.model").is_file():
                 demo(demo_data, 1024, Path.home() / ".cache" / "llama_mcore")
+        runs = TrainingRuns(work, demo_data, args.cpu_smoke)
+    if "parity" not in args.skip:
         t = time.perf_counter()
-        report["train"] = train_and_resume(work, demo_data, args.cpu_smoke)
-        section_s["train"] = time.perf_counter() - t
+        report["parity"] = parity(work, args.cpu_smoke)
+        section_s["parity"] = time.perf_counter() - t
+        checks["parity"] = all(c["ok"] for c in report["parity"])
+        report["parity_peak_allocated_gb"] = (torch.cuda.max_memory_allocated() / 2**30
+                                              if torch.cuda.is_available() else None)
+        if te_importable() and not args.cpu_smoke:
+            report["te_checkpoints"] = te_checkpoints(work)
+            checks["te_checkpoints"] = all(c["ok"] for c in report["te_checkpoints"])
+        else:
+            report["te_checkpoints"] = "not run: TransformerEngine does not import" if not te_importable() else \
+                "not run in --cpu-smoke"
+    if runs is not None:
+        t = time.perf_counter()
+        report["train"] = runs.finish()
+        section_s["train_after_parity"] = time.perf_counter() - t
         checks["train"] = report["train"]["ok"]
     if "throughput" not in args.skip:
         impls = ["local", "te"] if te_importable() else ["local"]
