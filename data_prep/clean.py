@@ -328,14 +328,23 @@ def run(cfg) -> dict:
     return report
 
 
+def _parses_as_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
 def wait_for_tasks(logging_dir: Path, tasks: int, job_id: str, timeout_s: float = 24 * 3600) -> None:
     """Until every task has its completion marker; fails when the Slurm job ended without them."""
     deadline = time.time() + timeout_s
     while True:
         done = len(list((logging_dir / "completions").glob("*"))) if (logging_dir / "completions").is_dir() else 0
         if done >= tasks:
-            # datatrove merges the tasks' stats into stats.json in a job of its own, after the tasks.
-            while not (logging_dir / "stats.json").is_file():
+            # datatrove merges the tasks' stats into stats.json in a job of its own, after the tasks;
+            # the file appears before it is written (seen empty once), so wait until it parses.
+            while not _parses_as_json(logging_dir / "stats.json"):
                 if time.time() > deadline:
                     raise TimeoutError(f"no {logging_dir / 'stats.json'} after {timeout_s} s")
                 time.sleep(0.5)
