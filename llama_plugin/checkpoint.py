@@ -225,10 +225,21 @@ def complete_checkpoints(ckpt_root) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(ckpt_root, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and stale temporary directories."""
+def prune_checkpoints(ckpt_root, keep: int, rollback_steps: int | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and stale temporary directories.
+
+    With `rollback_steps`, the newest checkpoint at least that many steps before the step after the
+    newest one is kept too: a loss spike right after it must find one to roll back to.
+    """
     complete = complete_checkpoints(ckpt_root)
-    for _, d in complete[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
+    kept = {d for _, d in complete[-keep:]}
+    if rollback_steps is not None and complete:
+        limit = complete[-1][0] + 1 - rollback_steps
+        older = [d for step, d in complete if step <= limit]
+        if older:
+            kept.add(older[-1])
+    for _, d in complete:
+        if d not in kept:
+            shutil.rmtree(d, ignore_errors=True)
     for d in Path(ckpt_root).glob("step_*.tmp"):
         shutil.rmtree(d, ignore_errors=True)

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from llama_plugin.model import ModelConfigError, check_model_shape
 from llama_plugin.layers.spec import IMPLS, te_importable
+from llama_plugin.stability.checks import check_stability
 from recipes import RecipeError
 
 CHOICES = {
@@ -99,6 +100,7 @@ def resolve(cfg, world_size: int, have_te: bool | None = None, have_cuda: bool |
         raise RecipeError(f"train.exit_interval: must be > 0, got {t.exit_interval}")
     if t.eval_batches < 0:
         raise RecipeError(f"train.eval_batches: must be >= 0, got {t.eval_batches}")
+    check_stability(cfg, world_size)
     return cfg, notes
 
 

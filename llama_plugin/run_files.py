@@ -1,16 +1,35 @@
 """Files in a run directory through which schedulers talk to a training run (slurm/render.py):
 `STOP` asks the run to checkpoint after the current step and exit 0; `FINISHED` says the last
-step is done; `run_state.json` says where the run stands. `StopRequest` is the run's side of STOP
+step is done; `run_state.json` says where the run stands; `requeue.json` says why training exited
+for a requeue (a hang, or silent data corruption on a named node), and `incidents/` holds the
+evidence (stack dumps). `StopRequest` is the run's side of STOP
 (pretraining and fine-tuning alike)."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from pathlib import Path
 
 RUN_STATE = "run_state.json"
 FINISHED_MARKER = "FINISHED"
 STOP_FILE = "STOP"
+REQUEUE_REQUEST = "requeue.json"
+INCIDENTS_DIR = "incidents"
+# Exit codes of a training process that asks its job to be requeued: after a hang; after silent
+# data corruption (requeue without the named node). torchrun reports any worker failure as 1, so
+# the job script reads requeue.json rather than the code.
+EXIT_REQUEUE = 75
+EXIT_SDC = 76
+
+
+def write_requeue_request(run_dir: Path, record: dict) -> None:
+    """Atomically (any rank may write; the content is the same kind either way)."""
+    path = Path(run_dir) / REQUEUE_REQUEST
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
 
 
 class StopRequest:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -31,9 +33,17 @@ from llama_plugin.data import build_datasets, check_data_files, micro_batches, s
 from llama_plugin.distributed import device, init_distributed, shutdown
 from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.metrics_log import MetricsLog, format_line
-from llama_plugin.run_files import FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest
+from llama_plugin.run_files import (EXIT_SDC, FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest,
+                                     write_requeue_request)
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
 from llama_plugin.stability import manifest
+from llama_plugin.stability.faults import FaultInjector, any_enabled
+from llama_plugin.stability.goodput import Goodput
+from llama_plugin.stability.ledger import LEDGER_FILE, LedgerError, SkipLedger
+from llama_plugin.stability.sdc import recompute_check
+from llama_plugin.stability.spikes import SpikeDetector
+from llama_plugin.stability.stragglers import StragglerMonitor
+from llama_plugin.stability.watchdog import HangWatchdog
 from llama_plugin.train_step import build_optimizer, eval_loss, train_step, wrap_ddp
 from recipes import RecipeError, compose, load_file
 from recipes.schema import RecipeConfig
@@ -140,8 +150,8 @@ def build_model_and_optimizer(cfg):
 
 
 def run(cfg, notes: list[str]) -> dict:
-    """Train; returns a summary (final losses, where things are)."""
-    p, t, o = cfg.parallel, cfg.train, cfg.optimizer
+    """Train; returns a summary (final losses, where things are, the exit code it asks for)."""
+    p, t, o, s = cfg.parallel, cfg.train, cfg.optimizer, cfg.stability
     init_distributed(p.tensor, p.pipeline, seed=t.seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = _DTYPE[t.precision]
@@ -152,14 +162,21 @@ def run(cfg, notes: list[str]) -> dict:
 
     model, chunks, optimizer = build_model_and_optimizer(cfg)
     scheduler = build_scheduler(optimizer, o, t.steps)
+    detector = SpikeDetector.from_config(s)
+    events = {"spikes": 0, "rollbacks": 0, "skipped_steps": 0}
+    goodput = Goodput()
 
-    # Resume from the newest complete checkpoint, else start from train.load, else from scratch.
-    start_step = 0
+    # Resume from the newest verified checkpoint, else start from train.load, else from scratch.
+    start_step, load_time = 0, 0.0
+    t_load = time.perf_counter()
     resume_dir = newest_verified_checkpoint(ckpt_root, notes)
     if resume_dir is not None:
         state = checkpoint.load_checkpoint(chunks, resume_dir, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
+        detector.load_state_dict(state.get("spike_detector"))
+        events.update(state.get("stability", {}))
+        goodput = Goodput(state.get("goodput"))
         notes.append(f"resumed from {resume_dir} (step {start_step})")
     elif t.load:
         reason = manifest.verify(Path(t.load))
@@ -172,13 +189,22 @@ def run(cfg, notes: list[str]) -> dict:
         notes.append(f"initial weights from {t.load}")
     for c in chunks:
         c.broadcast_params()
+    if resume_dir is not None or t.load:
+        load_time = time.perf_counter() - t_load
+        goodput.add("checkpoint_load", load_time)
+    if rank == 0 and resume_dir is not None:  # the steps a crash lost since that checkpoint
+        goodput.add("restart", logged_time_after(run_dir / "metrics.jsonl", start_step, cfg.logging.log_interval))
 
     n_micro = num_microbatches(cfg)
     dp_rank, seq, G = parallel_state.get_data_parallel_rank(), cfg.model.seq_length, t.global_batch_size
     per_rank = G // p.data
     valid_samples = t.eval_batches * G
+    # Built s.data_reserve_batches global batches longer than the run: batches the skip ledger
+    # jumps over are replaced from there.
+    ledger = SkipLedger(run_dir / LEDGER_FILE, s.data_reserve_batches)
     train_ds, valid_ds, source_names = build_datasets(
-        cfg.data, seq, t.seed, t.steps * G, max(valid_samples, 1), cfg.data.cache_dir or str(run_dir / "data_cache"))
+        cfg.data, seq, t.seed, (t.steps + s.data_reserve_batches) * G, max(valid_samples, 1),
+        cfg.data.cache_dir or str(run_dir / "data_cache"))
 
     n_params = count_parameters(model)
     flops_per_token = flops.flops_per_token(n_params, cfg.model)
@@ -200,26 +226,70 @@ def run(cfg, notes: list[str]) -> dict:
                            t.micro_batch_size)
         return eval_loss(chunks, vb)
 
-    def save(step: int) -> None:
+    def save(step: int, prune: bool) -> None:
+        if (ckpt_root / checkpoint.step_dir_name(step)).exists():
+            return  # this step is saved already (a stop right after a periodic save)
+        t0 = time.perf_counter()
         if p.overlap_param_gather:
             # The last update's all-gather is still pending (it runs in the next forward): finish it
             # so the checkpoint holds the updated weights.
             for c in chunks:
                 c.disable_forward_pre_hook(param_sync=True)
         state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": step * G,
-                 "resume_fields": resume_fields(cfg)}
+                 "resume_fields": resume_fields(cfg), "spike_detector": detector.state_dict(),
+                 "stability": dict(events), "goodput": goodput.state_dict()}
         checkpoint.save_checkpoint(chunks, ckpt_root / checkpoint.step_dir_name(step), cfg.model, dtype,
                                    optimizer=optimizer, train_state=state)
         if p.overlap_param_gather:
             for c in chunks:
                 c.enable_forward_pre_hook()
-        # A run whose loss went non-finite keeps its older checkpoints: they are the way back.
-        if rank == 0 and last_loss is not None and math.isfinite(last_loss):
-            checkpoint.prune_checkpoints(ckpt_root, t.keep_checkpoints)
+        # A run whose last step was not applied (non-finite) keeps its older checkpoints: they are
+        # the way back. Retention keeps one old enough for a spike rollback.
+        if rank == 0 and prune:
+            checkpoint.prune_checkpoints(ckpt_root, t.keep_checkpoints,
+                                         s.rollback_steps if s.spike_detection else None)
+        goodput.add("checkpoint_save", time.perf_counter() - t0)
+
+    def rollback(at_step: int, reason: str) -> int:
+        """PaLM's protocol: back to the newest verified checkpoint >= rollback_steps before
+        `at_step`, and skip the next skip_batches global batches. Returns the step resumed at."""
+        target_step, target = rollback_target(ckpt_root, at_step - s.rollback_steps, at_step, notes)
+        t0 = time.perf_counter()
+        dist.barrier()
+        if rank == 0:  # checkpoints of the abandoned steps must never be resumed from
+            for step_k, d in checkpoint.complete_checkpoints(ckpt_root):
+                if step_k > target_step:
+                    shutil.rmtree(d)
+        dist.barrier()
+        state = checkpoint.load_checkpoint(chunks, target, optimizer)
+        scheduler.num_steps = 0  # its load_state_dict adds the saved count to the current one
+        scheduler.load_state_dict(state["scheduler"])
+        detector.load_state_dict(state.get("spike_detector"))
+        for c in chunks:
+            c.broadcast_params()
+        goodput.add("checkpoint_load", time.perf_counter() - t0)
+        goodput.rolled_back(target_step)
+        skipped = ledger.add(target_step, s.skip_batches, write=rank == 0, reason=reason, detected_at_step=at_step,
+                             checkpoint=target.name)
+        events["rollbacks"] += 1
+        if rank == 0:
+            print(f"[stability] step {at_step}: {reason}; rolled back to {target.name}, skipping global batches "
+                  f"{ledger.batch_index(target_step) - skipped}..{ledger.batch_index(target_step) - 1} "
+                  f"({skipped} of stability.skip_batches={s.skip_batches}; ledger {ledger.path})", flush=True)
+            if skipped < s.skip_batches:
+                print(f"[stability] warning: the data reserve is used up (stability.data_reserve_batches="
+                      f"{s.data_reserve_batches}); skipped {skipped}", flush=True)
+        return target_step
+
+    def count_sources(steps: int):
+        total = np.zeros(len(source_names), dtype=np.int64)
+        for first, stop in ledger.batch_ranges(steps):
+            total += source_counts(train_ds, first * G, stop * G, len(source_names))
+        return total
 
     stop = StopRequest(run_dir / STOP_FILE)
     # Per-source shares are logged by rank 0 only; other ranks skip the counting.
-    consumed = source_counts(train_ds, 0, start_step * G, len(source_names)) if rank == 0 else None
+    consumed = count_sources(start_step) if rank == 0 else None
     bar = None
     if rank == 0 and cfg.logging.progress_bar:
         from tqdm import tqdm
@@ -227,40 +297,87 @@ def run(cfg, notes: list[str]) -> dict:
         # disable=None: no bar when stderr is not a terminal (CI logs keep the plain log lines).
         bar = tqdm(total=t.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True,
                    mininterval=0.5, disable=None)
+    faults = FaultInjector(cfg.faults, chunks) if any_enabled(cfg.faults) else None
+    stragglers = StragglerMonitor(s.straggler_factor)
+    watchdog = HangWatchdog(run_dir, rank, s.hang_timeout_s)
     last_loss = last_val = None
     first_val = None
     window_tokens, window_time = 0, 0.0  # training steps only: evaluation and saving excluded
     final_step = t.exit_at_step or t.steps
     step = start_step
-    stopped = False
+    stopped, exit_code, consecutive_skips = False, 0, 0
+    goodput.add("restart", goodput.since_start() - load_time)
     while step < final_step:
+        watchdog.progress(step)
+        if faults:
+            faults.before_step(step + 1)
         t0 = time.perf_counter()
-        batches = micro_batches(train_ds, step * G + dp_rank * per_rank, n_micro, t.micro_batch_size)
-        loss, grad_norm, ok = train_step(chunks, optimizer, batches)
+        batch = ledger.batch_index(step)
+        batches = micro_batches(train_ds, batch * G + dp_rank * per_rank, n_micro, t.micro_batch_size)
+        if s.sdc_check_interval and (step + 1) % s.sdc_check_interval == 0:
+            bad = recompute_check(chunks, batches[0])
+            goodput.add("sdc_checks", time.perf_counter() - t0)
+            if bad:
+                exit_code = report_sdc(run_dir, bad, step + 1, rank)
+                save(step, prune=False)
+                break
+            t0 = time.perf_counter()
+        arrived = [0.0]
+
+        def after_backward():
+            if faults:
+                faults.after_backward(step + 1)
+            arrived[0] = time.perf_counter() - t0
+
+        loss, grad_norm, ok = train_step(chunks, optimizer, batches, after_backward=after_backward)
+        if faults:
+            loss = faults.observed_loss(step + 1, loss)
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(increment=1)
+        if ok:
+            scheduler.step(increment=1)  # the schedule counts applied updates
+        slow, slowest = stragglers.check(arrived[0])
         step_time = time.perf_counter() - t0
         if rank == 0:
-            consumed += source_counts(train_ds, step * G, (step + 1) * G, len(source_names))
+            consumed += source_counts(train_ds, batch * G, (batch + 1) * G, len(source_names))
         step += 1
+        goodput.step(step, step_time, ok)
         window_tokens += G * seq
         window_time += step_time
-        last_loss = loss
+        last_loss = loss if ok else float("nan")
+        consecutive_skips = 0 if ok else consecutive_skips + 1
+        if not ok:
+            events["skipped_steps"] += 1
+            if rank == 0:
+                print(f"[stability] step {step}: a non-finite loss or grad norm on some rank (here: loss {loss}, "
+                      f"grad norm {grad_norm}); update skipped on every rank ({consecutive_skips} in a row)", flush=True)
+        spike = detector.check(step, loss) if ok else None
+        if spike:
+            events["spikes"] += 1
+        if rank == 0 and slow:
+            print(f"[stability] step {step}: straggler(s): " + ", ".join(
+                f"rank {r} ({h}) at {ratio:.2f}x the median step time" for r, h, ratio in slow), flush=True)
         m = {}
         if step % t.eval_interval == 0 or step == t.steps:
+            t_eval = time.perf_counter()
             last_val = validation()
+            goodput.add("evaluation", time.perf_counter() - t_eval)
             if last_val is not None:
                 m["val/loss"] = last_val
                 first_val = last_val if first_val is None else first_val
-        if step % cfg.logging.log_interval == 0 or "val/loss" in m:
+        if step % cfg.logging.log_interval == 0 or "val/loss" in m or spike or not ok:
             m.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "step_time_s": step_time,
-                      "tokens_seen": step * G * seq, "train/skipped_update": int(not ok)})
+                      "tokens_seen": step * G * seq, "train/skipped_update": int(not ok),
+                      "stability/spikes": events["spikes"], "stability/rollbacks": events["rollbacks"],
+                      "stability/skipped_steps": events["skipped_steps"],
+                      "stability/skipped_batches": ledger.skipped_total,
+                      "stability/stragglers": len(slow), "stability/slowest_rank_ratio": slowest})
             m.update(throughput.speed_metrics(window_tokens, window_time, world, flops_per_token, peak))
             m["memory/max_allocated_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                                             else _peak_rss_bytes()) / 2**30
             if rank == 0:
                 for name, count in zip(source_names, consumed):
                     m[f"data/{name}_share"] = float(count) / float(consumed.sum())
+                m.update(goodput.metrics())
             metrics.log(step, m)
             if rank == 0:
                 line = format_line(step, t.steps, m)
@@ -269,19 +386,31 @@ def run(cfg, notes: list[str]) -> dict:
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
+        if spike or consecutive_skips >= s.max_consecutive_skips:
+            step = rollback(step, spike or f"{consecutive_skips} non-finite steps in a row")
+            consecutive_skips = 0
+            consumed = count_sources(step) if rank == 0 else None
+            if bar:
+                bar.n = step
+            continue
         stop_now = stop.agreed(device()) or bool(t.exit_interval and step % t.exit_interval == 0)
         if step % t.save_interval == 0 or step == final_step or stop_now:
-            save(step)
+            watchdog.progress(step)
+            save(step, prune=ok)
+            watchdog.progress(step)
         if stop_now and step < final_step:
             stopped = True
             break
+    watchdog.close()
     if bar:
         bar.close()
     summary = {
-        "run_dir": str(run_dir), "step": step, "finished": step >= t.steps, "stopped": stopped,
+        "run_dir": str(run_dir), "step": step, "finished": step >= t.steps and not exit_code, "stopped": stopped,
         "train_loss": last_loss, "val_loss": last_val, "first_val_loss": first_val,
         "metrics_jsonl": str(metrics.jsonl), "wandb_dir": metrics.wandb_dir,
-        "checkpoint": str(ckpt_root / checkpoint.step_dir_name(step)),
+        "checkpoint": str(ckpt_root / checkpoint.step_dir_name(step)), "exit_code": exit_code,
+        "stability": {**events, "skipped_batches": ledger.skipped_total}, "goodput": goodput.state_dict(),
+        "goodput_share": goodput.metrics()["goodput/share"],
     }
     metrics.close()
     if rank == 0:
@@ -292,6 +421,51 @@ def run(cfg, notes: list[str]) -> dict:
             _write_json_atomic(run_dir / FINISHED_MARKER, {"step": step, "checkpoint": summary["checkpoint"]})
     dist.barrier()
     return summary
+
+
+def report_sdc(run_dir: Path, bad: list[tuple[int, str]], step: int, rank: int) -> int:
+    """Name the ranks whose recomputation differed, ask for a requeue without their nodes."""
+    names = ", ".join(f"rank {r} on {h}" for r, h in bad)
+    if rank == 0:
+        print(f"[stability] silent data corruption at step {step}: {names} computed the same micro-batch twice "
+              f"with different results; checkpointing and exiting ({EXIT_SDC}) for a requeue without "
+              f"{', '.join(sorted({h for _, h in bad}))}", file=sys.stderr, flush=True)
+        write_requeue_request(run_dir, {"reason": "sdc", "step": step, "ranks": [r for r, _ in bad],
+                                        "hosts": sorted({h for _, h in bad})})
+    return EXIT_SDC
+
+
+def rollback_target(ckpt_root: Path, limit: int, at_step: int, notes: list[str]) -> tuple[int, Path]:
+    """Collective: the newest verified checkpoint at or before step `limit`; if there is none, the
+    oldest verified one before `at_step`, with a warning."""
+    candidates = [(k, d) for k, d in checkpoint.complete_checkpoints(ckpt_root) if k < at_step]
+    ordered = [c for c in reversed(candidates) if c[0] <= limit] + [c for c in candidates if c[0] > limit]
+    for k, d in ordered:
+        if manifest.verify(d) is None:
+            if k > limit and dist.get_rank() == 0:
+                print(f"[stability] warning: no verified checkpoint at or before step {limit}; rolling back to "
+                      f"{d.name}", flush=True)
+            return k, d
+    raise StabilityError(f"step {at_step}: no verified checkpoint before it to roll back to (stability.rollback_steps)")
+
+
+class StabilityError(RuntimeError):
+    """The run cannot recover by itself (no checkpoint to roll back to)."""
+
+
+def logged_time_after(jsonl: Path, step: int, log_interval: int) -> float:
+    """Seconds of the steps after `step` in metrics.jsonl (logged every log_interval steps): what a
+    crash lost."""
+    lost = 0.0
+    if jsonl.is_file():
+        for line in jsonl.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if row["step"] > step:
+                    lost += float(row.get("step_time_s", 0.0)) * log_interval
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                pass
+    return lost
 
 
 def newest_verified_checkpoint(ckpt_root: Path, notes: list[str]) -> Path | None:
@@ -337,7 +511,7 @@ def _peak_rss_bytes() -> int:
 _RESUME_FIELDS = ("train.global_batch_size", "model.seq_length", "train.seed", "train.steps", "data.sources",
                   "data.split", "optimizer.lr", "optimizer.min_lr_ratio", "optimizer.warmup_steps",
                   "optimizer.decay_steps", "optimizer.decay_style", "optimizer.weight_decay",
-                  "parallel.distributed_optimizer")
+                  "parallel.distributed_optimizer", "stability.data_reserve_batches")
 _DISTOPT_RESUME_FIELDS = ("parallel.tensor", "parallel.pipeline", "parallel.bucket_size")
 
 
@@ -399,7 +573,7 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = run(cfg, notes)
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, LedgerError, StabilityError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
@@ -407,7 +581,7 @@ def main(argv=None) -> int:
         shutdown()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary), flush=True)
-    return 0
+    return summary["exit_code"]
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ These are the pieces the training loop composes and the parallel-equivalence tes
   build_optimizer(...) megatron's Adam(W) with clipping, optionally the distributed optimizer
   train_step(...)      zero grads, run the schedule (no pipelining, or 1F1B for PP > 1) over the
                        micro-batches, finalize grads (DP reduce, SP norm-grad and embedding sync),
-                       step; returns the loss averaged over tokens and the pre-clip grad norm.
+                       then clip and step unless the loss or grad norm is non-finite on any rank
+                       (then no rank changes a parameter or an optimizer state); returns the loss
+                       averaged over tokens, the pre-clip grad norm and whether it stepped.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -111,18 +115,48 @@ def _run_schedule(model_chunks, micro_batches: list[Batch], forward_only: bool) 
     )
 
 
-def train_step(model_chunks, optimizer, micro_batches: list[Batch]) -> tuple[float, float, bool]:
-    """(loss, grad_norm, update_successful) of one optimizer step over this rank's micro-batches.
+def train_step(model_chunks, optimizer, micro_batches: list[Batch], after_backward=None) -> tuple[float, float, bool]:
+    """(loss, grad_norm, stepped) of one optimizer step over this rank's micro-batches.
 
     The loss is the token-weighted mean over the micro-batches of all data-parallel ranks; every
-    rank returns the same value.
+    rank returns the same value. megatron's bf16 and fp32 optimizers would apply a NaN gradient
+    (only fp16's loss scaler looks for one), so the step is taken apart here: the grad norm is
+    computed as megatron's step does, every rank says whether its loss and norm are finite, and
+    only if all are is the update applied. `after_backward` (fault injection) runs once the
+    gradients are reduced.
     """
     for c in model_chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
     stats = _run_schedule(model_chunks, micro_batches, forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
-    return reduce_loss(stats), float(grad_norm if grad_norm is not None else float("nan")), update_successful
+    loss = reduce_loss(stats)
+    if after_backward is not None:
+        after_backward()
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if not all_ranks_finite(loss, grad_norm, found_inf):
+        return loss, grad_norm, False
+    clip_grads(optimizer, grad_norm)
+    return loss, grad_norm, bool(optimizer.step_with_ready_grads())
+
+
+def all_ranks_finite(loss: float, grad_norm: float, found_inf: bool = False) -> bool:
+    """Collective over every rank: True when no rank saw a non-finite loss or grad norm. (A NaN in
+    one data-parallel replica's gradient after the reduction shows only in its own norm.)"""
+    bad = torch.tensor([0.0 if (math.isfinite(loss) and math.isfinite(grad_norm) and not found_inf) else 1.0],
+                       device=device())
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+def clip_grads(optimizer, grad_norm: float) -> None:
+    """Scale the main grads to the clip norm, as megatron's (Chained)Optimizer.step does."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if getattr(opt, "is_stub_optimizer", False) or not params or opt.config.clip_grad <= 0.0:
+            continue
+        clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                                     use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
 
 
 def eval_loss(model_chunks, micro_batches: list[Batch]) -> float:

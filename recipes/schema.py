@@ -145,6 +145,55 @@ class TrainConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """What keeps a long run alive by itself (llama_plugin/stability/). Defaults follow PaLM's
+    loss-spike protocol (restart ~100 steps before the spike, skip ~200-500 batches)."""
+
+    # A spike: a finite loss above the running mean of the last `spike_window` losses by more than
+    # `spike_std_factor` running standard deviations, or above `spike_ratio` times that mean
+    # (either may be null); looked for from step `spike_warmup_steps` on.
+    spike_detection: bool = True
+    spike_window: int = 100
+    spike_warmup_steps: int = 2000
+    spike_std_factor: Optional[float] = 6.0
+    spike_ratio: Optional[float] = 1.5
+    # On a spike (or after max_consecutive_skips non-finite steps in a row): reload the newest
+    # verified checkpoint at least this many steps before it, and skip the next skip_batches global
+    # batches of data. The skips go to <run_dir>/skipped_batches.json, which every resume honours.
+    rollback_steps: int = 100
+    skip_batches: int = 200
+    # Spare global batches the data set is built with, for skips; None: 5% of train.steps. Part of
+    # the data order, so fixed for a run.
+    data_reserve_batches: Optional[int] = None
+    max_consecutive_skips: int = 5
+    # Every this many steps recompute one micro-batch's forward and backward and compare bitwise
+    # (silent data corruption); 0 turns it off.
+    sdc_check_interval: int = 1000
+    # No step finished for this long: dump every thread's stack into the run directory and exit
+    # for a requeue; 0 turns it off. Checkpoint saves and evaluation count as progress.
+    hang_timeout_s: float = 1800.0
+    # A rank whose step time is above this many times the median of the ranks is a straggler.
+    straggler_factor: float = 1.5
+
+
+@dataclass
+class FaultsConfig:
+    """Faults injected on purpose, to prove the stability machinery (tests; off by default,
+    refused on clusters of 256 GPUs or more). Steps are 1-based; each fault fires once per process."""
+
+    loss_spike_at_step: Optional[int] = None  # the step's loss, as the run sees it, times loss_spike_factor
+    loss_spike_factor: float = 10.0
+    nan_grad_at_step: Optional[int] = None  # a NaN in one gradient element of nan_grad_rank
+    nan_grad_rank: int = 0
+    bitflip_from_step: Optional[int] = None  # from this step on, every other output of one linear
+    bitflip_rank: int = 0  # layer on this rank has a bit flipped (an intermittently faulty GPU)
+    hang_at_step: Optional[int] = None  # hang_rank stops making progress at the start of this step
+    hang_rank: int = 0
+    straggler_rank: Optional[int] = None  # sleeps straggler_sleep_s in every step
+    straggler_sleep_s: float = 0.5
+
+
+@dataclass
 class RecipeConfig:
     name: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,6 +203,8 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 @dataclass
