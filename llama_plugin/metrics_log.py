@@ -2,7 +2,10 @@
 
 Only the global rank 0 writes. W&B runs offline unless the recipe says otherwise; its files live in
 <run_dir>/wandb and the run id is kept in <run_dir>/wandb_id so a resumed job continues the same
-W&B run. On resume, metrics.jsonl is cut back to the resumed step, so it never holds a step twice.
+W&B run. On resume, metrics.jsonl is cut back to the resumed step, so it never holds a step twice;
+a spike rollback moves the undone steps' rows to metrics.rolled_back.jsonl. W&B's history only
+grows: rows logged after a rollback go under the next free W&B step, with `train/step` saying
+which training step they are.
 """
 
 from __future__ import annotations
@@ -13,21 +16,21 @@ import uuid
 from pathlib import Path
 
 
-def truncate_jsonl_after(path: Path, step: int) -> None:
+def truncate_jsonl_after(path: Path, step: int) -> list[str]:
     """Keep the rows of a metrics.jsonl up to `step` (a resume replays the rest); a line torn by a
-    crash mid-append is dropped, not fatal."""
+    crash mid-append is dropped, not fatal. Returns the rows removed."""
     if not path.is_file():
-        return
-    keep = []
+        return []
+    keep, removed = [], []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
+            (keep if json.loads(line)["step"] <= step else removed).append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+    return removed
 
 
 class MetricsLog:
@@ -35,6 +38,7 @@ class MetricsLog:
         self.enabled = enabled
         self.jsonl = Path(run_dir) / "metrics.jsonl"
         self.wandb_run = None
+        self._wandb_step = 0
         if not enabled:
             return
         self._truncate_after(resume_step)
@@ -59,7 +63,16 @@ class MetricsLog:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+            self._wandb_step = max(step, self._wandb_step + 1)
+            self.wandb_run.log({**metrics, "train/step": step}, step=self._wandb_step)
+
+    def rolled_back(self, step: int) -> None:
+        """The steps after `step` were undone: their rows move to metrics.rolled_back.jsonl."""
+        if not self.enabled:
+            return
+        removed = truncate_jsonl_after(self.jsonl, step)
+        with open(self.jsonl.with_name("metrics.rolled_back.jsonl"), "a") as f:
+            f.writelines(line + "\n" for line in removed)
 
     @property
     def wandb_dir(self) -> str | None:

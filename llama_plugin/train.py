@@ -388,6 +388,8 @@ def run(cfg, notes: list[str]) -> dict:
             bar.set_postfix(loss=f"{loss:.3f}")
         if spike or consecutive_skips >= s.max_consecutive_skips:
             step = rollback(step, spike or f"{consecutive_skips} non-finite steps in a row")
+            metrics.rolled_back(step)
+            watchdog.progress(step)
             consecutive_skips = 0
             consumed = count_sources(step) if rank == 0 else None
             if bar:
@@ -424,14 +426,24 @@ def run(cfg, notes: list[str]) -> dict:
 
 
 def report_sdc(run_dir: Path, bad: list[tuple[int, str]], step: int, rank: int) -> int:
-    """Name the ranks whose recomputation differed, ask for a requeue without their nodes."""
-    names = ", ".join(f"rank {r} on {h}" for r, h in bad)
+    """Name the ranks whose recomputation differed; ask for a requeue without their node.
+
+    A data-parallel rank computes alone, so a fault shows on its rank only. Tensor-parallel peers
+    share activations, so they all differ, but they share a node too (slurm.launch keeps TP within
+    one). Pipeline stages pass the corruption on to other nodes: named ranks on several nodes do not
+    localize the fault, and no node is excluded.
+    """
+    hosts = sorted({h for _, h in bad})
+    exclude = hosts if len(hosts) == 1 else []
     if rank == 0:
+        names = ", ".join(f"rank {r} on {h}" for r, h in bad)
+        where = (f"for a requeue without {exclude[0]}" if exclude else
+                 "for a requeue; the ranks span several nodes (pipeline stages pass corruption on), so no node "
+                 "is excluded")
         print(f"[stability] silent data corruption at step {step}: {names} computed the same micro-batch twice "
-              f"with different results; checkpointing and exiting ({EXIT_SDC}) for a requeue without "
-              f"{', '.join(sorted({h for _, h in bad}))}", file=sys.stderr, flush=True)
-        write_requeue_request(run_dir, {"reason": "sdc", "step": step, "ranks": [r for r, _ in bad],
-                                        "hosts": sorted({h for _, h in bad})})
+              f"with different results; checkpointing and exiting ({EXIT_SDC}) {where}", file=sys.stderr, flush=True)
+        write_requeue_request(run_dir, {"reason": "sdc", "step": step, "ranks": [r for r, _ in bad], "hosts": hosts,
+                                        "exclude_hosts": exclude})
     return EXIT_SDC
 
 

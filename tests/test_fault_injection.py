@@ -1,0 +1,128 @@
+"""Every rung of the stability machinery, proved by injecting its fault into real training runs
+(recipe group `faults`): a NaN gradient on one rank, a loss spike, a bit flip in one rank's linear
+layer, a hung rank, a slow rank. Tiny shapes (2 layers, hidden 64) on 2 gloo processes."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from llama_plugin.run_files import EXIT_SDC
+from tests.conftest import torchrun
+from tests.test_training import final_weights
+
+TINY = ["tiny_cpu", "model.num_layers=2", "model.hidden_size=64", "train.steps=12", "train.global_batch_size=8",
+        "train.micro_batch_size=2", "train.eval_interval=100", "train.eval_batches=0", "train.save_interval=2",
+        "optimizer.warmup_steps=3", "logging.progress_bar=false", "logging.wandb_mode=disabled",
+        "logging.log_interval=1", "stability.spike_warmup_steps=4", "stability.spike_window=3",
+        "stability.rollback_steps=3", "stability.skip_batches=2", "stability.data_reserve_batches=4",
+        "stability.sdc_check_interval=3"]
+DP2 = ["parallel=cpu_single"]  # two data-parallel replicas: a NaN on one shows only in its own norm
+
+
+def train(demo_data, run_dir, *extra, check=True):
+    r = torchrun([*TINY, f"train.run_dir={run_dir}", *extra], {"DEMO_DATA": str(demo_data)})
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def rows(run_dir, name="metrics.jsonl"):
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def nan_and_spike(demo_data, tmp_path_factory):
+    """A run with a NaN in rank 1's gradients at step 3, a 10x loss spike at step 9 and a slow rank 1;
+    and the reference: a clean run told by a ledger, from the start, to leave out the batches the
+    faults cost (batch 2, whose update the NaN voided, and batches 6 and 7, which the rollback to step
+    6 skips), stopped after the same 11 updates."""
+    root = tmp_path_factory.mktemp("faults")
+    fault = train(demo_data, root / "fault", *DP2, "logging.wandb_mode=offline", "faults.nan_grad_at_step=3",
+                  "faults.nan_grad_rank=1", "faults.loss_spike_at_step=9", "faults.straggler_rank=1",
+                  "faults.straggler_sleep_s=0.3")
+    (root / "ref").mkdir()
+    (root / "ref" / "skipped_batches.json").write_text(json.dumps(
+        {"entries": [{"at_step": 2, "skip": 1}, {"at_step": 5, "skip": 2}]}))
+    ref = train(demo_data, root / "ref", *DP2, "train.exit_at_step=11")
+    return root, fault, ref
+
+
+def test_nan_and_spike_leave_the_weights_of_a_run_that_skipped_those_batches(nan_and_spike, tmp_path):
+    root, fault, _ = nan_and_spike
+    ledger = json.loads((root / "fault" / "skipped_batches.json").read_text())["entries"]
+    assert [(e["at_step"], e["skip"], e["detected_at_step"], e["checkpoint"]) for e in ledger] == [
+        (6, 2, 9, "step_00000006")]
+    assert "> mean" in ledger[0]["reason"]
+    a = final_weights(root / "fault", tmp_path, "fault")  # its step 12 = 11 updates
+    b = final_weights(root / "ref", tmp_path, "ref")  # its step 11
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The rolled-back checkpoint (step 8) is gone; one old enough for a rollback is kept.
+    assert sorted(p.name for p in (root / "fault" / "checkpoints").iterdir()) == ["step_00000010", "step_00000012"]
+    assert "update skipped on every rank" in fault.stdout and "rolled back to step_00000006" in fault.stdout
+
+
+def test_skips_and_spikes_are_counted_in_jsonl_wandb_and_run_state(nan_and_spike):
+    from tests.wandb_reader import read_run
+
+    root, _, _ = nan_and_spike
+    m = rows(root / "fault")
+    assert [r["step"] for r in m] == list(range(1, 13))  # one row per step of the kept trajectory
+    assert [r["step"] for r in rows(root / "fault", "metrics.rolled_back.jsonl")] == [7, 8, 9]
+    assert [r["train/skipped_update"] for r in m] == [0, 0, 1] + [0] * 9
+    assert (m[5]["stability/spikes"], m[6]["stability/spikes"], m[6]["stability/rollbacks"]) == (0, 1, 1)
+    assert m[-1]["stability/skipped_steps"] == 1 and m[-1]["stability/skipped_batches"] == 2
+    history, _, _ = read_run(next((root / "fault" / "wandb").glob("offline-run-*/run-*.wandb")))
+    # W&B's history only grows: the replayed steps 7..9 come after the spike, under new W&B steps.
+    assert [h["train/step"] for h in history] == list(range(1, 10)) + list(range(7, 13))
+    assert history[8]["train/loss"] > 5 * history[7]["train/loss"]  # the spike itself
+    assert history[-1]["stability/rollbacks"] == 1 and history[-1]["stability/skipped_batches"] == 2
+    state = json.loads((root / "fault" / "run_state.json").read_text())
+    assert state["stability"] == {"spikes": 1, "rollbacks": 1, "skipped_steps": 1, "skipped_batches": 2}
+    g = state["goodput"]
+    assert g["rollback"] > 0 and g["skipped_steps"] > 0 and g["sdc_checks"] > 0 and g["checkpoint_save"] > 0
+    assert sum(v for k, v in g.items() if k != "wall") <= g["wall"]
+    assert 0 < state["goodput_share"] == pytest.approx(g["productive"] / g["wall"])
+
+
+def test_a_slow_rank_is_flagged(nan_and_spike):
+    _, fault, ref = nan_and_spike
+    flagged = re.findall(r"straggler\(s\): rank (\d) \(\S+\) at ([\d.]+)x", fault.stdout)
+    assert len(flagged) >= 10 and {r for r, _ in flagged} == {"1"}
+    assert "straggler" not in ref.stdout  # and no rank is flagged without the sleep
+    assert "silent data corruption" not in fault.stdout + fault.stderr + ref.stdout + ref.stderr  # no false alarm
+
+
+def test_a_bit_flip_in_one_ranks_linear_layer_is_detected_and_named(demo_data, tmp_path):
+    """bf16, DP=2: from step 5 rank 1's first MLP projection flips a mantissa bit in every other
+    output; the recomputation check at step 6 (interval 3) names rank 1 alone, the run checkpoints
+    (step 5) and exits with the SDC code, asking for a requeue without the node."""
+    run_dir = tmp_path / "run"
+    r = train(demo_data, run_dir, *DP2, "train.precision=bf16", "faults.bitflip_from_step=5", "faults.bitflip_rank=1",
+              check=False)
+    assert r.returncode != 0
+    assert re.search(r"silent data corruption at step 6: rank 1 on \S+ computed", r.stderr), r.stderr[-3000:]
+    assert f"exitcode  : {EXIT_SDC}" in r.stderr  # torchrun's report of the workers
+    request = json.loads((run_dir / "requeue.json").read_text())
+    assert request["reason"] == "sdc" and request["ranks"] == [1] and request["step"] == 6
+    assert len(request["exclude_hosts"]) == 1
+    assert (run_dir / "checkpoints" / "step_00000005").is_dir()
+    assert json.loads((run_dir / "run_state.json").read_text())["exit_code"] == EXIT_SDC
+
+
+def test_a_hung_rank_fires_the_watchdog_with_stacks(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    # No save before the hang: megatron's first save spawns a helper process, seconds on a busy CPU.
+    r = train(demo_data, run_dir, "faults.hang_at_step=4", "faults.hang_rank=1", "stability.hang_timeout_s=8",
+              "train.save_interval=50", check=False)
+    assert r.returncode != 0
+    request = json.loads((run_dir / "requeue.json").read_text())
+    assert request["reason"] == "hang" and request["step"] == 4
+    stacks = {p.name: p.read_text() for p in (run_dir / "incidents").iterdir()}
+    hung = next(text for name, text in stacks.items() if name.startswith("hang-step4-rank1-"))
+    idle = float(re.search(r"no step finished for (\d+) s", hung).group(1))
+    assert 8 <= idle <= 8 + 10  # detected within hang_timeout_s + 10 s
+    assert "in before_step" in hung  # the hung rank's own stack shows where it stopped
+    waiting = next(text for name, text in stacks.items() if name.startswith("hang-step4-rank0-"))
+    assert "torch/distributed/" in waiting.split("Thread")[-1]  # the main thread waits in a collective
