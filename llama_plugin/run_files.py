@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -22,6 +23,32 @@ INCIDENTS_DIR = "incidents"
 # the job script reads requeue.json rather than the code.
 EXIT_REQUEUE = 75
 EXIT_SDC = 76
+
+
+# Environment variables whose values are secrets (cluster.env): never written to a file or printed.
+# slurm.launch hands them to sbatch in its environment, which Slurm gives the job and its requeues;
+# training redacts them from the configs it writes.
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
+
+
+def is_secret(name: str) -> bool:
+    return bool(_SECRET.search(name))
+
+
+def redact_secrets(config: dict) -> dict:
+    """A plain config with the values of secret cluster.env entries replaced."""
+    env = (config.get("cluster") or {}).get("env") or {}
+    for name in env:
+        if is_secret(name):
+            env[name] = "<redacted>"
+    return config
+
+
+def node_name() -> str:
+    """This process's node as the scheduler names it (what `--exclude` takes), else the host name."""
+    import socket
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def write_requeue_request(run_dir: Path, record: dict) -> None:

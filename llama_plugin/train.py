@@ -34,7 +34,7 @@ from llama_plugin.distributed import device, init_distributed, shutdown
 from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.metrics_log import MetricsLog, format_line
 from llama_plugin.run_files import (EXIT_SDC, FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest,
-                                     write_requeue_request)
+                                     redact_secrets, write_requeue_request)
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
 from llama_plugin.stability import manifest
 from llama_plugin.stability.faults import FaultInjector, any_enabled
@@ -209,7 +209,7 @@ def run(cfg, notes: list[str]) -> dict:
     n_params = count_parameters(model)
     flops_per_token = flops.flops_per_token(n_params, cfg.model)
     peak, peak_source = throughput.peak_flops_per_device(cfg.cluster.peak_flops_per_gpu)
-    run_config = OmegaConf.to_container(cfg)
+    run_config = redact_secrets(OmegaConf.to_container(cfg))
     run_config["derived"] = {"world_size": world, "num_microbatches": n_micro, "num_parameters": n_params,
                              "flops_per_token": flops_per_token, "flops_formula": flops.FORMULA,
                              "peak_flops_per_device": peak, "peak_flops_source": peak_source, "notes": notes}
@@ -297,7 +297,7 @@ def run(cfg, notes: list[str]) -> dict:
         # disable=None: no bar when stderr is not a terminal (CI logs keep the plain log lines).
         bar = tqdm(total=t.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True,
                    mininterval=0.5, disable=None)
-    faults = FaultInjector(cfg.faults, chunks) if any_enabled(cfg.faults) else None
+    faults = FaultInjector(cfg.faults, chunks, run_dir) if any_enabled(cfg.faults) else None
     stragglers = StragglerMonitor(s.straggler_factor)
     watchdog = HangWatchdog(run_dir, rank, s.hang_timeout_s)
     last_loss = last_val = None

@@ -179,7 +179,8 @@ class StabilityConfig:
 @dataclass
 class FaultsConfig:
     """Faults injected on purpose, to prove the stability machinery (tests; off by default,
-    refused on clusters of 256 GPUs or more). Steps are 1-based; each fault fires once per process."""
+    refused on clusters of 256 GPUs or more). Steps are 1-based; the one-off faults (NaN, spike,
+    hang) fire once per run."""
 
     loss_spike_at_step: Optional[int] = None  # the step's loss, as the run sees it, times loss_spike_factor
     loss_spike_factor: float = 10.0
@@ -187,6 +188,7 @@ class FaultsConfig:
     nan_grad_rank: int = 0
     bitflip_from_step: Optional[int] = None  # from this step on, every other output of one linear
     bitflip_rank: int = 0  # layer on this rank has a bit flipped (an intermittently faulty GPU)
+    bitflip_node: Optional[str] = None  # only on this node (Slurm's name for it); None: any
     hang_at_step: Optional[int] = None  # hang_rank stops making progress at the start of this step
     hang_rank: int = 0
     straggler_rank: Optional[int] = None  # sleeps straggler_sleep_s in every step

@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from llama_plugin.layout import resolve
 from recipes import RECIPES_DIR, RecipeError, compose
 from recipes.schema import RecipeConfig
-from slurm.render import render
+from llama_plugin.run_files import is_secret
+from slurm.render import CHAIN_STOP, render
 
 USAGE = "usage: python -m slurm.launch <recipe> [overrides] [--dry-run]"
 
@@ -95,12 +96,25 @@ def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
     run_dir = workdir / cfg.train.run_dir
     cfg.train.run_dir = str(run_dir)
     slurm_dir = run_dir / "slurm"
+    from slurm.stop import live_jobs
+
+    live = live_jobs(run_dir)
+    if live:
+        raise RecipeError(f"train.run_dir: {run_dir} has live Slurm jobs ({', '.join(f'{j} {s}' for j, s in sorted(live.items()))}); "
+                          f"stop them with `python -m slurm.stop {run_dir}` or use another train.run_dir")
+    # Secrets (cluster.env names with KEY, TOKEN, SECRET, PASSWORD) reach the job through sbatch's
+    # environment only: not in recipe.yaml, not in the script.
+    secrets = {k: v for k, v in cfg.cluster.env.items() if is_secret(k)}
+    for k in secrets:
+        cfg.cluster.env[k] = "<secret: from the job's environment>"
     recipe_file, script_file = slurm_dir / "recipe.yaml", slurm_dir / "job.sbatch"
     text = render(cfg, run_dir, recipe_file, script_file, workdir,
                   "llama_plugin.finetune" if finetune else "llama_plugin.train")
     slurm_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(recipe_file, OmegaConf.to_yaml(cfg))
     _write_atomic(script_file, text, 0o755)
+    (slurm_dir / CHAIN_STOP).unlink(missing_ok=True)  # a launch starts a stopped run again
+    layout["secrets"] = secrets
     return script_file, text, layout
 
 
@@ -127,7 +141,8 @@ def main(argv=None) -> int:
     print(f"wrote {script_file}", file=sys.stderr)
     if dry_run:
         return 0
-    result = subprocess.run(["sbatch", "--parsable", str(script_file)], capture_output=True, text=True)
+    env = dict(os.environ, **layout["secrets"])
+    result = subprocess.run(["sbatch", "--parsable", str(script_file)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(f"error: sbatch refused {script_file}: {result.stderr.strip()}", file=sys.stderr)
         return 1

@@ -17,17 +17,25 @@ import re
 import shlex
 from pathlib import Path
 
-from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE
+from llama_plugin.run_files import FINISHED_MARKER, REQUEUE_REQUEST, STOP_FILE, is_secret
 from recipes import RecipeError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# In <run_dir>/slurm/: every job id of the run, one per line (slurm.stop and slurm.launch read it);
+# the marker slurm.stop leaves so that no job of the run trains, requeues or submits another; the
+# nodes left out after silent data corruption.
+JOBS_FILE = "jobs"
+CHAIN_STOP = "STOPPED"
+EXCLUDED_NODES = "excluded_nodes"
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:@+,=-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Variables the job script sets and reads itself (cluster.env is exported after them, so an entry
 # of the same name would silently replace one), and Slurm's own SLURM_*.
 _SCRIPT_VARIABLES = {"RUN_DIR", "SLURM_DIR", "SCRIPT", "MAX_RESTARTS", "CHAIN_JOBS", "MAX_FAILURES", "RESTARTS",
-                     "CHAIN_INDEX", "LLAMA_CHAIN_INDEX", "RECIPE_FILE", "TRAIN_MODULE", "NPROC_PER_NODE", "RDZV_PORT",
-                     "MASTER_ADDR", "stop_asked", "successor", "successor_record", "failures", "srun_pid", "rc"}
+                     "CHAIN_INDEX", "LLAMA_CHAIN_INDEX", "LLAMA_RESTART_BASE", "RECIPE_FILE", "TRAIN_MODULE",
+                     "NPROC_PER_NODE", "RDZV_PORT", "MASTER_ADDR", "stop_asked", "successor", "successor_record",
+                     "failures", "srun_pid", "rc", "exclude", "reason", "hosts", "replacement"}
+
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")
 
 
@@ -68,10 +76,12 @@ def sh(field: str, value) -> str:
 def _task_command(c) -> str:
     """What each node's task runs. Single-quoted as a whole: $SLURM_NODEID and friends expand in
     the task, on its node, not in the batch shell (node 0 hosts the rendezvous store; c10d assigns
-    the ranks). USR1 is ignored by torchrun (inherited SIG_IGN:
-    its default action would kill it); the training processes install their own handler."""
+    the ranks). torchrun ignores USR1 and TERM (inherited SIG_IGN, and TERM left out of the signals
+    it handles): at preemption Slurm sends TERM to every process, and torchrun's own handling would
+    kill the workers 30 s later and exit 1. The training processes install their own handlers:
+    checkpoint after the current step, exit 0; torchrun then exits 0."""
     is_host = '$([ "$SLURM_NODEID" = 0 ] && echo true || echo false)'
-    return ('trap "" USR1; exec torchrun'
+    return ('trap "" USR1 TERM; export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT; exec torchrun'
             ' --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE"'
             ' --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$RDZV_PORT"'
             f' --rdzv_conf="is_host={is_host}" --max_restarts=0'
@@ -122,6 +132,10 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
             raise RecipeError(f"cluster.env: {name!r} is not a valid environment variable name")
         if name in _SCRIPT_VARIABLES or name.startswith("SLURM_"):
             raise RecipeError(f"cluster.env.{name}: set by the job script (or by Slurm) itself; it cannot be overridden")
+        if is_secret(name):
+            # The value comes with the job's environment (slurm.launch passes it to sbatch).
+            setup.append(f': "${{{name}:?cluster.env.{name} is a secret passed by slurm.launch; it is not set}}"')
+            continue
         setup.append(f"export {name}={sh(f'cluster.env.{name}', value)}")
     # Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without it the node's one
     # task (torchrun and all its ranks) is bound to a single CPU.
@@ -151,6 +165,10 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
         "MAX_FAILURES": str(int(c.max_failures)),
         "FINISHED_MARKER": FINISHED_MARKER,
         "STOP_FILE": STOP_FILE,
+        "REQUEUE_REQUEST": REQUEUE_REQUEST,
+        "CHAIN_STOP": CHAIN_STOP,
+        "JOBS_FILE": JOBS_FILE,
+        "EXCLUDED_NODES": EXCLUDED_NODES,
         "SETUP": "\n".join(setup) if setup else "# (no modules, venv or environment configured)",
         "SRUN_OPTS": " ".join(srun_opts),
         "TASK": shlex.quote(_task_command(c)),
@@ -175,7 +193,8 @@ SCRIPT=@SCRIPT@
 MAX_RESTARTS=@MAX_RESTARTS@
 CHAIN_JOBS=@CHAIN_JOBS@
 MAX_FAILURES=@MAX_FAILURES@
-RESTARTS=${SLURM_RESTART_COUNT:-0}
+# Restarts of this job; a replacement job (submitted without a faulty node) carries the count on.
+RESTARTS=$((${SLURM_RESTART_COUNT:-0} + ${LLAMA_RESTART_BASE:-0}))
 CHAIN_INDEX=${LLAMA_CHAIN_INDEX:-1}
 # Read by every task (srun passes the environment on).
 export RECIPE_FILE=@RECIPE_FILE@
@@ -190,18 +209,32 @@ log() {
         "$RESTARTS" "$CHAIN_INDEX" "$CHAIN_JOBS" "$*"
 }
 
-# USR1 to this shell -> a STOP file in the run directory, which training checks after every step.
+# USR1 (time limit) or TERM (preemption, scancel) to this shell -> a STOP file in the run directory,
+# which training checks after every step.
 # (A signal sent into the job step would reach every process in it, helper processes included.)
 # Trapped first thing: Slurm may send it early, and untrapped it would kill this shell.
 stop_asked=0
 # shellcheck disable=SC2317  # called by the trap
 ask_to_stop() {
     stop_asked=1
-    log "USR1: asking training to checkpoint and stop"
+    log "$1: asking training to checkpoint and stop"
     : >"$RUN_DIR/@STOP_FILE@"
 }
-rm -f "$RUN_DIR/@STOP_FILE@"  # left from an earlier job
-trap ask_to_stop USR1
+rm -f "$RUN_DIR/@STOP_FILE@" "$RUN_DIR/@REQUEUE_REQUEST@"  # left from an earlier job
+trap 'ask_to_stop USR1' USR1
+trap 'ask_to_stop TERM' TERM
+mkdir -p "$SLURM_DIR"
+printf '%s\n' "$SLURM_JOB_ID" >>"$SLURM_DIR/@JOBS_FILE@"
+
+if [ -e "$SLURM_DIR/@CHAIN_STOP@" ]; then
+    log "the run was stopped by slurm.stop ($SLURM_DIR/@CHAIN_STOP@); nothing to do"
+    exit 0
+fi
+# Nodes found to corrupt data silently are left out of every later job of the run.
+exclude=()
+if [ -s "$SLURM_DIR/@EXCLUDED_NODES@" ]; then
+    exclude=(--exclude="$(sort -u "$SLURM_DIR/@EXCLUDED_NODES@" | paste -sd, -)")
+fi
 
 cd @WORKDIR@ || exit 1
 @SETUP@
@@ -218,7 +251,7 @@ successor=""
 if [ "$CHAIN_JOBS" -gt 1 ]; then
     failures=$(cat "$SLURM_DIR/chain_failures" 2>/dev/null || echo 0)
     if [ "$failures" -ge "$MAX_FAILURES" ]; then
-        log "the chain stops: $failures job(s) failed (cluster.max_failures=$MAX_FAILURES)"
+        log "the chain stops: $failures job(s) in a row failed (cluster.max_failures=$MAX_FAILURES)"
         exit 1
     fi
     successor_record="$SLURM_DIR/successor_of_$SLURM_JOB_ID"
@@ -228,7 +261,7 @@ if [ "$CHAIN_JOBS" -gt 1 ]; then
         # A clean environment for sbatch: this job's SLURM_* variables must not leak into the next.
         successor=$(env -u SLURM_RESTART_COUNT -u SLURM_JOB_ID -u SLURM_JOBID -u SLURM_JOB_NAME \
             LLAMA_CHAIN_INDEX=$((CHAIN_INDEX + 1)) \
-            sbatch --parsable --dependency="afterany:$SLURM_JOB_ID" "$SCRIPT") \
+            sbatch --parsable "${exclude[@]}" --dependency="afterany:$SLURM_JOB_ID" "$SCRIPT") \
             || { log "could not submit the next job of the chain"; successor=""; }
         successor=${successor%%;*}
         if [ -n "$successor" ]; then
@@ -253,8 +286,53 @@ while kill -0 "$srun_pid" 2>/dev/null; do  # a trapped signal interrupted `wait`
     wait "$srun_pid" || rc=$?
 done
 
+# A segment that ends well resets the chain's count of failures in a row.
 if [ -e "$RUN_DIR/@FINISHED_MARKER@" ]; then
     log "training finished"
+    rm -f "$SLURM_DIR/chain_failures"
+    exit 0
+fi
+if [ -e "$SLURM_DIR/@CHAIN_STOP@" ]; then
+    log "training ended (exit code $rc); the run was stopped by slurm.stop: no requeue, no successor"
+    exit 0
+fi
+if [ -s "$RUN_DIR/@REQUEUE_REQUEST@" ]; then
+    # Training asked for a requeue: a hang (stacks in incidents/), or silent data corruption on a
+    # node it names, left out from now on. torchrun exits 1 for any failed worker: the file says why.
+    reason=$(sed -n 's/.*"reason": "\([a-z]*\)".*/\1/p' "$RUN_DIR/@REQUEUE_REQUEST@")
+    hosts=$(sed -n 's/.*"exclude_hosts": \[\([^]]*\)\].*/\1/p' "$RUN_DIR/@REQUEUE_REQUEST@" | tr -d '" ' | tr ',' '\n')
+    log "training exited for a requeue (exit code $rc): $(cat "$RUN_DIR/@REQUEUE_REQUEST@")"
+    if [ "$CHAIN_JOBS" -gt 1 ]; then
+        echo $(($(cat "$SLURM_DIR/chain_failures" 2>/dev/null || echo 0) + 1)) >"$SLURM_DIR/chain_failures"
+    fi
+    if [ -n "$hosts" ]; then
+        printf '%s\n' "$hosts" >>"$SLURM_DIR/@EXCLUDED_NODES@"
+        exclude=(--exclude="$(sort -u "$SLURM_DIR/@EXCLUDED_NODES@" | paste -sd, -)")
+        log "$reason: node(s) $(sort -u "$SLURM_DIR/@EXCLUDED_NODES@" | paste -sd, -) excluded from now on"
+    fi
+    if [ -n "$successor" ]; then
+        if [ -n "$hosts" ]; then
+            scontrol update JobId="$successor" ExcNodeList="$(sort -u "$SLURM_DIR/@EXCLUDED_NODES@" | paste -sd, -)"
+        fi
+        log "chain job $successor continues"
+        exit 0
+    fi
+    if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
+        log "this job has used its $MAX_RESTARTS restart(s); submit $SCRIPT again to go on"
+        exit 1
+    fi
+    if [ -n "$hosts" ]; then
+        # A running job's node list cannot change: a replacement job takes over, without the node.
+        replacement=$(env -u SLURM_RESTART_COUNT -u SLURM_JOB_ID -u SLURM_JOBID -u SLURM_JOB_NAME \
+            LLAMA_RESTART_BASE=$((RESTARTS + 1)) LLAMA_CHAIN_INDEX="$CHAIN_INDEX" \
+            sbatch --parsable "${exclude[@]}" --dependency="afterany:$SLURM_JOB_ID" "$SCRIPT")
+        replacement=${replacement%%;*}
+        printf '%s\n' "$replacement" >"$SLURM_DIR/replaced_by_$SLURM_JOB_ID"
+        log "requeued as job $replacement (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
+        exit 0
+    fi
+    log "requeueing (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
+    scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
 if [ "$rc" -ne 0 ]; then
@@ -265,6 +343,7 @@ if [ "$rc" -ne 0 ]; then
     exit "$rc"
 fi
 # Exit 0 without the marker: training checkpointed and stopped (signal or train.exit_interval).
+rm -f "$SLURM_DIR/chain_failures"
 if [ -n "$successor" ]; then
     log "training stopped after a checkpoint (stop asked: $stop_asked); chain job $successor continues"
     exit 0

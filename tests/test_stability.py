@@ -88,3 +88,87 @@ def test_set_aside_keeps_the_damaged_checkpoint_out_of_the_way(copy):
     assert checkpoint.complete_checkpoints(copy.parent) == []
     checkpoint.prune_checkpoints(copy.parent, 1)
     assert aside.is_dir()  # pruning never deletes it
+
+
+# --- the spike detector, the skip ledger and checkpoint retention (pure functions) ---
+
+
+def test_spike_detector_matches_mean_and_std_computed_with_numpy():
+    import numpy as np
+
+    from llama_plugin.stability.spikes import SpikeDetector
+
+    rng = np.random.default_rng(0)
+    losses = list(3.0 + 0.05 * rng.standard_normal(60))
+    losses[40] = 3.4  # a spike by both rules
+    losses[50] = float("nan")  # not a spike: non-finite steps are skipped, counted elsewhere
+    d = SpikeDetector(window=20, warmup_steps=25, std_factor=6.0, ratio=1.5)
+    window, flagged = [], []
+    for step, loss in enumerate(losses, start=1):
+        expected = False
+        if np.isfinite(loss) and step > 25 and len(window) == 20:
+            expected = loss > np.mean(window) + 6.0 * np.std(window) or loss > 1.5 * np.mean(window)
+        got = d.check(step, loss)
+        assert (got is not None) == expected, (step, loss, got)
+        if got:
+            flagged.append(step)
+        elif np.isfinite(loss):
+            window = (window + [loss])[-20:]
+    assert flagged == [41]
+    restored = SpikeDetector(20, 25, 6.0, 1.5)
+    restored.load_state_dict(__import__("json").loads(__import__("json").dumps(d.state_dict())))
+    assert list(restored.losses) == window  # exact through JSON, as in train_state.json
+
+
+def test_ratio_rule_alone_and_warmup():
+    from llama_plugin.stability.spikes import SpikeDetector
+
+    d = SpikeDetector(window=3, warmup_steps=5, std_factor=None, ratio=2.0)
+    assert [d.check(s, 1.0) for s in range(1, 6)] == [None] * 5
+    assert d.check(6, 1.9) is None and d.check(7, 5.0).startswith("loss 5.0000 > 2 x mean")
+
+
+def test_ledger_maps_steps_to_batches_as_the_protocol_says(tmp_path):
+    from llama_plugin.stability.ledger import LedgerError, SkipLedger
+
+    ledger = SkipLedger(tmp_path / "skipped_batches.json", reserve=10)
+    assert ledger.add(3, 4, write=True, reason="spike") == 4
+    assert ledger.add(8, 5, write=True) == 5
+    assert ledger.add(9, 5, write=True) == 1  # the reserve (10) has 1 left
+    again = SkipLedger(tmp_path / "skipped_batches.json", reserve=10)
+    assert again.entries == ledger.entries and again.skipped_total == 10
+    # Written out by hand: steps 0-2 read batches 0-2; from step 3 on 4 later; from 8, 9 later; from 9, 10.
+    expected = [0, 1, 2, 7, 8, 9, 10, 11, 17, 19, 20]
+    assert [again.batch_index(s) for s in range(11)] == expected
+    covered = [b for first, stop in again.batch_ranges(11) for b in range(first, stop)]
+    assert covered == expected
+    (tmp_path / "skipped_batches.json").write_text('{"entries": [{"at_step": 1}]}')
+    with pytest.raises(LedgerError, match="skipped_batches.json: unreadable"):
+        SkipLedger(tmp_path / "skipped_batches.json", reserve=10)
+    with pytest.raises(LedgerError, match="more than the data set's reserve"):
+        (tmp_path / "skipped_batches.json").write_text('{"entries": [{"at_step": 1, "skip": 11}]}')
+        SkipLedger(tmp_path / "skipped_batches.json", reserve=10)
+
+
+def test_retention_keeps_a_checkpoint_old_enough_to_roll_back_to(tmp_path):
+    for step in (100, 200, 300, 400, 500):
+        d = tmp_path / checkpoint.step_dir_name(step)
+        d.mkdir()
+        (d / checkpoint.MODEL_FILE).write_text("{}")
+        (d / checkpoint.TRAIN_STATE_FILE).write_text("{}")
+    checkpoint.prune_checkpoints(tmp_path, 2, rollback_steps=150)
+    # Newest two (400, 500), and the newest at or before 501 - 150 = 351: 300.
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [300, 400, 500]
+    checkpoint.prune_checkpoints(tmp_path, 2)
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [400, 500]
+
+
+def test_goodput_moves_undone_steps_to_rollback():
+    from llama_plugin.stability.goodput import Goodput
+
+    g = Goodput({"productive": 10.0, "wall": 100.0})
+    for step in range(1, 6):
+        g.step(step, 1.0, kept=step != 2)
+    g.rolled_back(3)
+    assert g.seconds["productive"] == 10.0 + 2.0 and g.seconds["rollback"] == 2.0 and g.seconds["skipped_steps"] == 1.0
+    assert g.state_dict()["wall"] >= 100.0

@@ -22,7 +22,7 @@ from llama_plugin.finetune import ds_checkpoint, schedule
 from llama_plugin.finetune.ds_config import deepspeed_config, gradient_accumulation_steps
 from llama_plugin.finetune.sft_data import IGNORE_INDEX, SftDataError, SftDataset, collate
 from llama_plugin.metrics_log import truncate_jsonl_after
-from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE, StopRequest
+from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE, StopRequest, redact_secrets
 from recipes import RecipeError, compose, load_file
 from recipes.finetune_schema import FinetuneConfig, check_finetune
 
@@ -189,7 +189,7 @@ def run(cfg) -> dict:
         start = ds_checkpoint.load(engine, found[-1][1])["step"]
     log = JsonlLog(run_dir / "metrics.jsonl", start, enabled=rank == 0)
     if rank == 0:
-        resolved = OmegaConf.to_container(cfg)
+        resolved = redact_secrets(OmegaConf.to_container(cfg))
         resolved["derived"] = {"world_size": world, "total_steps": total, "steps_per_epoch": per_epoch,
                                "warmup_steps": schedule.warmup_steps(total, o.warmup_ratio),
                                "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world),

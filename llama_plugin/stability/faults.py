@@ -1,10 +1,12 @@
 """Faults injected on purpose (recipe group `faults`, off by default) to prove that the stability
-machinery catches each one. Steps are 1-based; every fault fires at most once per process, so a
-rolled-back run does not meet it again."""
+machinery catches each one. Steps are 1-based. The one-off faults (NaN, spike, hang) fire once per
+run: a marker in <run_dir>/incidents/ remembers, so a rolled-back or requeued run does not meet
+them again. The bit flip is a faulty device: on from its step on, on `bitflip_node` only if set."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,19 +21,26 @@ def any_enabled(f) -> bool:
 
 
 class FaultInjector:
-    def __init__(self, f, chunks):
+    def __init__(self, f, chunks, run_dir: Path):
+        from llama_plugin.run_files import INCIDENTS_DIR, node_name
+
         self.f, self.chunks = f, chunks
         self.rank = dist.get_rank()
-        self.fired: set[str] = set()
+        self.markers = Path(run_dir) / INCIDENTS_DIR
         self._flip_calls = 0
-        if f.bitflip_from_step is not None and self.rank == f.bitflip_rank:
+        if (f.bitflip_from_step is not None and self.rank == f.bitflip_rank
+                and f.bitflip_node in (None, node_name())):
             self._flip_target().register_forward_hook(self._maybe_flip)
         self._step = 0
 
     def _once(self, name: str, step: int, at: int | None, rank: int | None = None) -> bool:
-        if at is None or step != at or name in self.fired or (rank is not None and rank != self.rank):
+        if at is None or step != at or (rank is not None and rank != self.rank):
             return False
-        self.fired.add(name)
+        marker = self.markers / f"fault-{name}.fired"
+        if marker.exists():
+            return False
+        self.markers.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"step {step}, rank {self.rank}\n")
         return True
 
     def before_step(self, step: int) -> None:

@@ -16,12 +16,12 @@ passes of one micro-batch.
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import torch
 import torch.distributed as dist
 
 from llama_plugin.distributed import device
+from llama_plugin.run_files import node_name
 from llama_plugin.train_step import Batch, _run_schedule
 
 _CHUNK = 1 << 26  # elements fingerprinted at a time (bounds the int64 temporary)
@@ -77,5 +77,5 @@ def recompute_check(chunks, batch: Batch) -> list[tuple[int, str]]:
     if not bad:
         return []
     hosts = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
+    dist.all_gather_object(hosts, node_name())
     return [(r, hosts[r]) for r in bad]

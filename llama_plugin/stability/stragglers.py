@@ -8,13 +8,13 @@ tensor-parallel collective is shared by the whole group and shows on the group's
 
 from __future__ import annotations
 
-import socket
 import statistics
 
 import torch
 import torch.distributed as dist
 
 from llama_plugin.distributed import device
+from llama_plugin.run_files import node_name
 
 
 class StragglerMonitor:
@@ -22,7 +22,7 @@ class StragglerMonitor:
         self.factor = factor
         world = dist.get_world_size()
         self.hosts = [None] * world
-        dist.all_gather_object(self.hosts, socket.gethostname())
+        dist.all_gather_object(self.hosts, node_name())
 
     def check(self, seconds: float) -> tuple[list[tuple[int, str, float]], float]:
         """Collective: ([(rank, host, ratio to the median)] of the stragglers, the largest ratio)."""

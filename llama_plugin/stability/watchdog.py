@@ -8,12 +8,11 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 
-from llama_plugin.run_files import EXIT_REQUEUE, INCIDENTS_DIR, write_requeue_request
+from llama_plugin.run_files import EXIT_REQUEUE, INCIDENTS_DIR, node_name, write_requeue_request
 
 
 class HangWatchdog:
@@ -39,7 +38,7 @@ class HangWatchdog:
             idle = time.monotonic() - self.last_progress
             if idle < self.timeout_s:
                 continue
-            host = socket.gethostname()
+            host = node_name()
             out = self.run_dir / INCIDENTS_DIR
             out.mkdir(parents=True, exist_ok=True)
             stacks = out / f"hang-step{self.step + 1}-rank{self.rank}-{host}.txt"
