@@ -24,7 +24,7 @@ from llama_plugin.layout import resolve
 from recipes import RECIPES_DIR, RecipeError, compose
 from recipes.schema import RecipeConfig
 from llama_plugin.run_files import is_secret
-from slurm.render import CHAIN_STOP, render
+from slurm.render import CHAIN_STOP, JOBS_FILE, render
 
 USAGE = "usage: python -m slurm.launch <recipe> [overrides] [--dry-run]"
 
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
         print(f"error: sbatch refused {script_file}: {result.stderr.strip()}", file=sys.stderr)
         return 1
     job_id = result.stdout.strip().split(";")[0]
+    with open(script_file.parent / JOBS_FILE, "a") as f:  # slurm.stop and the next launch read it
+        f.write(job_id + "\n")
     print(f"submitted job {job_id}", file=sys.stderr)
     return 0
 

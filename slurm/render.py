@@ -266,6 +266,7 @@ if [ "$CHAIN_JOBS" -gt 1 ]; then
         successor=${successor%%;*}
         if [ -n "$successor" ]; then
             printf '%s\n' "$successor" >"$successor_record"
+            printf '%s\n' "$successor" >>"$SLURM_DIR/@JOBS_FILE@"
             log "submitted chain job $((CHAIN_INDEX + 1)): $successor"
         fi
     fi
@@ -328,6 +329,7 @@ if [ -s "$RUN_DIR/@REQUEUE_REQUEST@" ]; then
             sbatch --parsable "${exclude[@]}" --dependency="afterany:$SLURM_JOB_ID" "$SCRIPT")
         replacement=${replacement%%;*}
         printf '%s\n' "$replacement" >"$SLURM_DIR/replaced_by_$SLURM_JOB_ID"
+        printf '%s\n' "$replacement" >>"$SLURM_DIR/@JOBS_FILE@"
         log "requeued as job $replacement (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
         exit 0
     fi
