@@ -579,7 +579,8 @@ def main(argv=None) -> int:
         cfg, notes = resolve(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         check_data_files(cfg.data, cfg.model.vocab_size)
         check_resume(cfg)
-    except (RecipeError, ModelConfigError, checkpoint.CheckpointError) as e:
+        SkipLedger(Path(cfg.train.run_dir) / LEDGER_FILE, cfg.stability.data_reserve_batches)  # readable, fits
+    except (RecipeError, ModelConfigError, checkpoint.CheckpointError, LedgerError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2

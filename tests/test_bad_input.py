@@ -133,3 +133,219 @@ def test_a_torn_last_metrics_line_does_not_break_the_resume(log, tmp_path):
     else:
         JsonlLog(path, 2, enabled=True)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# One table of bad inputs over the command lines: recipes and overrides, checkpoints, run
+# directories, data files, cluster settings. Each row runs the real CLI entry point (in-process:
+# the same main() that `python -m ...` calls) and must give exit code 2, exactly one `error:` line
+# naming the field or file, no traceback, and leave every file in its directory as it was.
+
+def _train(*args):
+    from llama_plugin.train import main
+
+    return main(["tiny_cpu", *args])
+
+
+def _train_config(*args):
+    from llama_plugin.train import main
+
+    return main(list(args))
+
+
+def _launch(*args):
+    from slurm.launch import main
+
+    return main([*args, "--dry-run"])
+
+
+def _finetune(*args):
+    from llama_plugin.finetune.trainer import main
+
+    return main(["tiny_lora_cpu", *args])
+
+
+def _convert(*args):
+    from llama_plugin.convert import main
+
+    return main(list(args))
+
+
+def _describe(*args):
+    from llama_plugin.describe import main
+
+    return main(list(args))
+
+
+def _stop(*args):
+    from slurm.stop import main
+
+    return main(list(args))
+
+
+def _fake_checkpoint(root, step, resume_fields):
+    """What check_resume reads of a training checkpoint: its model record and train_state.json."""
+    from llama_plugin.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, step_dir_name
+
+    d = root / "checkpoints" / step_dir_name(step)
+    d.mkdir(parents=True)
+    (d / MODEL_FILE).write_text("{}")
+    (d / TRAIN_STATE_FILE).write_text(json.dumps({"step": step, "resume_fields": resume_fields}))
+
+
+def _setup_resume_mismatch(key, value):
+    def setup(w):
+        from llama_plugin.train import resume_fields
+        from recipes import compose as compose_recipe
+        from recipes.schema import RecipeConfig
+        from llama_plugin.layout import resolve
+
+        cfg, _ = resolve(compose_recipe("tiny_cpu", [f"train.run_dir={w / 'run'}"], RecipeConfig), 2)
+        fields = resume_fields(cfg)
+        fields[key] = value
+        _fake_checkpoint(w / "run", 100, fields)
+        return [f"train.run_dir={w / 'run'}"]
+    return setup
+
+
+def _data_without_bin(w):
+    shutil.copytree(w / "demo", w / "data")
+    (w / "data" / "books_text_document.bin").unlink()
+    return [f"data.sources.books.prefix={w / 'data' / 'books_text_document'}"]
+
+
+def _garbled_ledger(w):
+    (w / "run").mkdir()
+    (w / "run" / "skipped_batches.json").write_text('{"entries": [{"at_step": "x"}]}')
+    return [f"train.run_dir={w / 'run'}"]
+
+
+def _saved_config(w, extra):
+    (w / "recipe.yaml").write_text("name: x\ntrain:\n  steps: 3\n")
+    return ["--config", str(w / "recipe.yaml"), *extra]
+
+
+def _existing_out(w):
+    from tests.conftest import make_hf_llama
+
+    make_hf_llama(w / "hf")
+    (w / "out").mkdir()
+    (w / "out" / "keep.txt").write_text("precious")
+    return ["hf-to-mcore", "--hf", str(w / "hf"), "--out", str(w / "out")]
+
+
+def _hf_without_config(w):
+    (w / "hf").mkdir()
+    (w / "hf" / "model.safetensors").write_bytes(b"not really")
+    return ["hf-to-mcore", "--hf", str(w / "hf"), "--out", str(w / "out")]
+
+
+def _not_a_checkpoint(w):
+    (w / "ckpt").mkdir()
+    (w / "ckpt" / "metadata.json").write_text("{}")
+    return ["mcore-to-hf", "--ckpt", str(w / "ckpt"), "--out", str(w / "hf_out")]
+
+
+def _load_other_shape(w):
+    from llama_plugin.checkpoint import MODEL_FILE
+
+    d = w / "other"
+    d.mkdir()
+    record = {"model": dict(name="o", num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=1024,
+                            seq_length=128), "params_dtype": "float32"}
+    (d / MODEL_FILE).write_text(json.dumps(record))
+    (d / "metadata.json").write_text("{}")
+    return [f"train.load={d}"]
+
+
+T, L = _train, _launch
+BAD_INPUTS = [
+    # recipes and overrides
+    ("unknown key", T, ["train.stepz=5"], "stepz"),
+    ("added key", T, ["+train.extra=1"], "train.extra"),
+    ("wrong type", T, ["train.steps=abc"], "train.steps"),
+    ("zero steps", T, ["train.steps=0"], "train.steps: must be > 0"),
+    ("precision", T, ["train.precision=fp16"], "train.precision"),
+    ("decay style", T, ["optimizer.decay_style=exp"], "optimizer.decay_style"),
+    ("beta2", T, ["optimizer.beta2=1.5"], "optimizer.beta2"),
+    ("warm-up longer than the run", T, ["optimizer.warmup_steps=1000"], "optimizer.warmup_steps"),
+    ("min lr ratio", T, ["optimizer.min_lr_ratio=2"], "optimizer.min_lr_ratio"),
+    ("global batch", T, ["train.global_batch_size=15"], "train.global_batch_size"),
+    ("tensor parallel size", T, ["parallel.tensor=3"], "parallel.tensor"),
+    ("overlap without distopt", T, ["parallel.overlap_param_gather=true"], "parallel.overlap_param_gather"),
+    ("layers over stages", T, ["parallel=cpu_single", "parallel.pipeline=2", "model.num_layers=3"], "model.num_layers"),
+    ("TE without TE", T, ["model.transformer_impl=te"], "model.transformer_impl"),
+    ("gpus_per_node=0 (train)", T, ["cluster.gpus_per_node=0"], "cluster.gpus_per_node"),
+    ("exit_at_step past the end", T, ["train.exit_at_step=500"], "train.exit_at_step"),
+    ("spike window", T, ["stability.spike_window=0"], "stability.spike_window"),
+    ("spike ratio", T, ["stability.spike_ratio=0.5"], "stability.spike_ratio"),
+    ("no spike rule", T, ["stability.spike_ratio=null", "stability.spike_std_factor=null"], "stability.spike_std_factor"),
+    ("straggler factor", T, ["stability.straggler_factor=1"], "stability.straggler_factor"),
+    ("hang timeout", T, ["stability.hang_timeout_s=-1"], "stability.hang_timeout_s"),
+    ("fault on a missing rank", T, ["faults.nan_grad_rank=5"], "faults.nan_grad_rank"),
+    ("fault at step 0", T, ["faults.hang_at_step=0"], "faults.hang_at_step"),
+    ("unknown recipe", _train_config, ["tiny_cpux"], "tiny_cpux"),
+    ("saved recipe missing", _train_config, ["--config", "/nonexistent/recipe.yaml"], "/nonexistent/recipe.yaml"),
+    ("saved recipe, unknown override", _train_config, lambda w: _saved_config(w, ["train.nope=1"]), "train.nope"),
+    # data files
+    ("tokenizer missing", T, ["data.tokenizer_model=/nonexistent/tokenizer.model"], "data.tokenizer_model"),
+    ("dataset .bin missing", T, _data_without_bin, "books_text_document.bin"),
+    ("vocab smaller than the tokenizer's", T, ["model.vocab_size=512"], "model.vocab_size"),
+    ("split", T, ["data.split=90,10"], "data.split"),
+    ("source weight", T, ["data.sources.books.weight=0"], "data.sources.books.weight"),
+    # run directories and checkpoints
+    ("resume with another weight decay", T, _setup_resume_mismatch("optimizer.weight_decay", 0.0), "optimizer.weight_decay"),
+    ("resume with another global batch", T, _setup_resume_mismatch("train.global_batch_size", 32), "train.global_batch_size"),
+    ("resume with another seed", T, _setup_resume_mismatch("train.seed", 7), "train.seed"),
+    ("train.load is no checkpoint", T, lambda w: [f"train.load={w}"], "llama_model.json"),
+    ("train.load of another shape", T, _load_other_shape, "model.hidden_size"),
+    ("garbled skip ledger", T, _garbled_ledger, "skipped_batches.json"),
+    ("convert onto an existing directory", _convert, _existing_out, "already exists"),
+    ("convert an HF folder without config", _convert, _hf_without_config, "config.json"),
+    ("convert a directory that is no checkpoint", _convert, _not_a_checkpoint, "llama_model.json"),
+    # cluster and Slurm
+    ("gpus_per_node=0 (launch)", L, ["tiny_cpu", "cluster.gpus_per_node=0"], "cluster.gpus_per_node"),
+    ("signal lead past the time limit", L, ["tiny_cpu", "cluster.signal_lead_s=4000"], "cluster.signal_lead_s"),
+    ("time limit", L, ["tiny_cpu", "cluster.time_limit=soon"], "cluster.time_limit"),
+    ("env overriding the script", L, ["tiny_cpu", "+cluster.env.RUN_DIR=/x"], "cluster.env.RUN_DIR"),
+    ("env overriding Slurm", L, ["tiny_cpu", "+cluster.env.SLURM_JOB_ID=1"], "cluster.env.SLURM_JOB_ID"),
+    ("max restarts", L, ["tiny_cpu", "cluster.max_restarts=-1"], "cluster.max_restarts"),
+    ("TP across nodes", L, ["tiny_cpu", "cluster=local_2nodes"], "parallel.tensor"),
+    ("faults in the 65B recipe", L, ["llama_65b_pretrain", "faults.nan_grad_at_step=3"], "faults:"),
+    ("stop without jobs", _stop, lambda w: [str(w)], "slurm/jobs"),
+    # the other command lines
+    ("fine-tune unknown key", _finetune, ["train.stepz=1"], "stepz"),
+    ("describe wrong type", _describe, ["model=tiny", "model.hidden_size=big"], "model.hidden_size"),
+]
+
+
+@pytest.mark.parametrize("name,cli,args,expect", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_table(name, cli, args, expect, demo_data, tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    monkeypatch.setenv("DEMO_DATA", str(demo_data))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 gives the layout checks
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "demo").symlink_to(demo_data)
+    argv = args(work) if callable(args) else list(args)
+    if cli in (_train, _finetune) and not any(a.startswith("train.run_dir=") for a in argv):
+        argv.append(f"train.run_dir={work / 'run'}")
+
+    def snapshot():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(work.rglob("*"))
+                if p.is_file() and "demo" not in p.relative_to(work).parts}
+
+    before = snapshot()
+    code = cli(*argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, (code, err[-2000:])
+    assert len(errors) == 1 and expect in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    assert snapshot() == before  # nothing written, nothing overwritten
+
+
+def test_the_table_has_forty_rows():
+    assert len(BAD_INPUTS) >= 40
