@@ -126,3 +126,43 @@ def test_a_hung_rank_fires_the_watchdog_with_stacks(demo_data, tmp_path):
     assert "in before_step" in hung  # the hung rank's own stack shows where it stopped
     waiting = next(text for name, text in stacks.items() if name.startswith("hang-step4-rank0-"))
     assert "torch/distributed/" in waiting.split("Thread")[-1]  # the main thread waits in a collective
+
+
+KILL9 = ["parallel=cpu_single", "model.num_layers=2", "model.hidden_size=64", "train.steps=240",
+         "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=1000", "train.eval_batches=0",
+         "train.save_interval=4", "optimizer.warmup_steps=3", "logging.progress_bar=false",
+         "logging.wandb_mode=disabled", "logging.log_interval=1", "stability.sdc_check_interval=0"]
+
+
+def test_twenty_kill_9s_and_two_damaged_checkpoints_end_bitwise_equal(demo_data, tmp_path):
+    """One process (forked per segment, tests/kill9_server.py) killed with SIGKILL 20 times at
+    random moments (seeded delays of 0.6-2.2 s: during steps, saves, resumes, metric appends); after
+    the 7th and 14th kill the newest checkpoint gets a flipped byte / a truncated file. Every resume
+    loads the newest verified checkpoint; the final weights and every logged loss equal an
+    uninterrupted run's."""
+    import subprocess
+    import sys
+
+    from tests.test_training import losses
+
+    with open(tmp_path / "server.log", "w") as log:  # a file, not a pipe: no orphan can hold it open
+        r = subprocess.run([sys.executable, "-m", "tests.kill9_server", "--demo-data", str(demo_data), "--root",
+                            str(tmp_path), "--kills", "20", "--seed", "0", "--min-delay", "0.6", "--max-delay", "2.2",
+                            *KILL9], stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    assert r.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    segments = report["segments"]
+    resumed = [re.findall(r"resumed from \S+/(step_\d+) ", s["log"]) for s in segments]
+    for seg, got in zip(segments, resumed):
+        assert got in ([], [seg["expected_resume"]]) if seg["expected_resume"] else got == [], (seg["expected_resume"], got)
+    assert sum(1 for got in resumed if got) >= 15  # most segments got as far as loading
+    assert sum(s["during_save"] for s in segments) >= 1, "no kill landed during a checkpoint save"
+    damaged = [s["damaged"] for s in segments if "damaged" in s]
+    assert [d["how"] for d in damaged] == ["flip", "truncate"]
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step_*.corrupt-*"))) == 2
+    assert report["final"]["exit"] == 0 and report["reference"]["exit"] == 0, report["final"]["log"][-2000:]
+    assert re.findall(r"resumed from \S+/(step_\d+) ", report["final"]["log"]) == [report["final"]["expected_resume"]]
+    ref, killed = losses(tmp_path / "reference"), losses(tmp_path / "killed")
+    assert [s for s, *_ in ref] == list(range(1, 241)) and killed == ref
+    a, b = final_weights(tmp_path / "reference", tmp_path, "ref_hf"), final_weights(tmp_path / "killed", tmp_path, "killed_hf")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
