@@ -379,12 +379,15 @@ FAULT_RUN = ["tiny_cpu", "cluster=local", "parallel=cpu_single", "model.num_laye
 
 
 def test_silent_data_corruption_requeues_the_run_without_the_node(slurm, demo_data, tmp_path):
-    """A bit flip on node1 (rank 1, from step 5): the check at step 6 names it, the job checkpoints
-    and exits, and the script hands the run to a replacement job that excludes node1; it resumes on
-    node2 and finishes."""
+    """bf16, DP=2. From step 5 rank 1's first MLP projection flips a mantissa bit in every other
+    output, on node1 only (a faulty device). The recomputation check at step 6 (interval 3) names
+    rank 1 on node1 alone; the run checkpoints (step 5) and exits with the SDC code; the script hands
+    the run to a replacement job that excludes node1; it resumes on node2 and finishes."""
+    from llama_plugin.run_files import EXIT_SDC
+
     slurm.ensure(nodes=2, cpus=2)
     run_dir = tmp_path / "run"
-    first = launch(*FAULT_RUN, "faults.bitflip_from_step=5", "faults.bitflip_rank=1", "faults.bitflip_node=node1",
+    first = launch(*FAULT_RUN, "train.precision=bf16", "faults.bitflip_from_step=5", "faults.bitflip_rank=1", "faults.bitflip_node=node1",
                    f"train.run_dir={run_dir}", env={"DEMO_DATA": str(demo_data)})
     info = wait_for_job(first, 600)
     out = job_output(run_dir)
@@ -395,7 +398,9 @@ def test_silent_data_corruption_requeues_the_run_without_the_node(slurm, demo_da
     info = wait_for_job(second, 600)
     out = job_output(run_dir)
     assert info["JobState"] == "COMPLETED" and info["NodeList"] == "node2" and info["ExcNodeList"] == "node1", out[-3000:]
-    assert re.search(r"silent data corruption at step 6: rank 1 on node1", out)
+    assert re.search(r"silent data corruption at step 6: rank 1 on node1 computed", out)  # rank 1 alone
+    assert f"exitcode  : {EXIT_SDC}" in out  # torchrun's report of the workers
+    assert '"ranks": [1], "hosts": ["node1"], "exclude_hosts": ["node1"]' in out
     assert "sdc: node(s) node1 excluded from now on" in out and f"requeued as job {second} (restart 1 of 3)" in out
     assert "resumed from" in out and "step_00000005 (step 5)" in out
     assert (run_dir / "FINISHED").is_file()
@@ -412,7 +417,12 @@ def test_a_hang_is_requeued_and_the_run_finishes(slurm, demo_data, tmp_path):
     out = job_output(run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out[-3000:]
     assert '"reason": "hang"' in out and "requeueing (restart 1 of 3)" in out
-    assert sorted(p.name.split("-rank")[1][0] for p in (run_dir / "incidents").glob("hang-step5-*.txt")) == ["0", "1"]
+    stacks = {p.name.split("-rank")[1][0]: p.read_text() for p in (run_dir / "incidents").glob("hang-step5-*.txt")}
+    assert sorted(stacks) == ["0", "1"]
+    idle = float(re.search(r"no step finished for (\d+) s", stacks["1"]).group(1))
+    assert 15 <= idle <= 15 + 10  # fired within hang_timeout_s + 10 s
+    assert "in before_step" in stacks["1"]  # the hung rank's own stack shows where it stopped
+    assert "torch/distributed/" in stacks["0"].split("Thread")[-1]  # the other waits in a collective
     assert (run_dir / "FINISHED").is_file() and [r[0] for r in losses(run_dir)] == list(range(1, 13))
 
 
