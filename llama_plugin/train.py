@@ -5,10 +5,18 @@
     python -m llama_plugin.train <recipe> [overrides]            (one process)
 
 The run directory (train.run_dir) holds everything: resolved config, checkpoints/step_*/,
-metrics.jsonl, wandb/. A run resumes from its newest complete checkpoint automatically; a fresh
+metrics.jsonl, wandb/. A run resumes from its newest verified checkpoint automatically; a fresh
 run can start from other weights (train.load, e.g. a converted HF checkpoint). SIGUSR1 or SIGTERM
 (or a file named STOP in the run directory) make the run checkpoint after the current step and exit
-0 with `stopped` in run_state.json, so a scheduler can requeue it; `finished` there, and a FINISHED file, mark a completed run.
+0 with `stopped` in run_state.json, so a scheduler can requeue it; `finished` there, and a FINISHED
+file, mark a completed run.
+
+Stability (llama_plugin/stability/, recipe group `stability`): a step with a non-finite loss or grad
+norm on any rank is not applied; a loss spike, or too many such steps in a row, rolls back to an
+older checkpoint and skips data (skipped_batches.json); every sdc_check_interval steps one
+micro-batch is recomputed and compared bitwise (a mismatch: checkpoint, exit 76 and requeue.json
+naming the node); a hang dumps stacks to incidents/ and exits 75 for a requeue. Goodput goes to
+run_state.json and W&B.
 """
 
 from __future__ import annotations

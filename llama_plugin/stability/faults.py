@@ -36,7 +36,7 @@ class FaultInjector:
     def _once(self, name: str, step: int, at: int | None, rank: int | None = None) -> bool:
         if at is None or step != at or (rank is not None and rank != self.rank):
             return False
-        marker = self.markers / f"fault-{name}.fired"
+        marker = self.markers / f"fault-{name}-rank{self.rank}.fired"  # per rank: all ranks must agree
         if marker.exists():
             return False
         self.markers.mkdir(parents=True, exist_ok=True)
