@@ -305,6 +305,11 @@ def run(cfg, notes: list[str]) -> dict:
         # disable=None: no bar when stderr is not a terminal (CI logs keep the plain log lines).
         bar = tqdm(total=t.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True,
                    mininterval=0.5, disable=None)
+    # megatron's checkpoint writer spawns a helper process (a multiprocessing manager, seconds) at the
+    # first save; started here, it is not mistaken for a stalled step by the hang watchdog.
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+    _get_write_results_queue()
     faults = FaultInjector(cfg.faults, chunks, run_dir) if any_enabled(cfg.faults) else None
     stragglers = StragglerMonitor(s.straggler_factor)
     watchdog = HangWatchdog(run_dir, rank, s.hang_timeout_s)

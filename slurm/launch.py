@@ -78,6 +78,11 @@ def check_finetune_allocation(cfg) -> dict:
     return {"world_size": world, "tensor": 1, "pipeline": 1, "data": world, "notes": []}
 
 
+def secret_env(cfg) -> dict:
+    """The cluster.env entries whose names mark them as secrets (run_files.is_secret)."""
+    return {k: v for k, v in cfg.cluster.env.items() if is_secret(k)}
+
+
 def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
     """(script path, script text, layout) with the files written; nothing submitted."""
     finetune = is_finetune_recipe(recipe)
@@ -104,7 +109,7 @@ def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
                           f"stop them with `python -m slurm.stop {run_dir}` or use another train.run_dir")
     # Secrets (cluster.env names with KEY, TOKEN, SECRET, PASSWORD) reach the job through sbatch's
     # environment only: not in recipe.yaml, not in the script.
-    secrets = {k: v for k, v in cfg.cluster.env.items() if is_secret(k)}
+    secrets = secret_env(cfg)
     for k in secrets:
         cfg.cluster.env[k] = "<secret: from the job's environment>"
     recipe_file, script_file = slurm_dir / "recipe.yaml", slurm_dir / "job.sbatch"
@@ -114,7 +119,6 @@ def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
     _write_atomic(recipe_file, OmegaConf.to_yaml(cfg))
     _write_atomic(script_file, text, 0o755)
     (slurm_dir / CHAIN_STOP).unlink(missing_ok=True)  # a launch starts a stopped run again
-    layout["secrets"] = secrets
     return script_file, text, layout
 
 
@@ -130,6 +134,8 @@ def main(argv=None) -> int:
         return 2
     try:
         script_file, text, layout = prepare(argv[0], argv[1:])
+        # Composed again for the values prepare() keeps out of every file it writes.
+        secrets = secret_env(compose(argv[0], argv[1:]))
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -141,7 +147,7 @@ def main(argv=None) -> int:
     print(f"wrote {script_file}", file=sys.stderr)
     if dry_run:
         return 0
-    env = dict(os.environ, **layout["secrets"])
+    env = dict(os.environ, **secrets)
     result = subprocess.run(["sbatch", "--parsable", str(script_file)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(f"error: sbatch refused {script_file}: {result.stderr.strip()}", file=sys.stderr)

@@ -34,7 +34,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SCRIPT_VARIABLES = {"RUN_DIR", "SLURM_DIR", "SCRIPT", "MAX_RESTARTS", "CHAIN_JOBS", "MAX_FAILURES", "RESTARTS",
                      "CHAIN_INDEX", "LLAMA_CHAIN_INDEX", "LLAMA_RESTART_BASE", "RECIPE_FILE", "TRAIN_MODULE",
                      "NPROC_PER_NODE", "RDZV_PORT", "MASTER_ADDR", "stop_asked", "successor", "successor_record",
-                     "failures", "srun_pid", "rc", "exclude", "reason", "hosts", "replacement"}
+                     "failures", "srun_pid", "rc", "exclude", "reason", "hosts", "replacement", "stop_signal"}
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")
 
@@ -214,9 +214,11 @@ log() {
 # (A signal sent into the job step would reach every process in it, helper processes included.)
 # Trapped first thing: Slurm may send it early, and untrapped it would kill this shell.
 stop_asked=0
+stop_signal=""
 # shellcheck disable=SC2317  # called by the trap
 ask_to_stop() {
     stop_asked=1
+    stop_signal=$1
     log "$1: asking training to checkpoint and stop"
     : >"$RUN_DIR/@STOP_FILE@"
 }
@@ -336,6 +338,22 @@ if [ -s "$RUN_DIR/@REQUEUE_REQUEST@" ]; then
     log "requeueing (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+fi
+if [ "$rc" -ne 0 ] && [ "$stop_signal" = TERM ]; then
+    # Preempted: srun, signalled itself, ends the job step within seconds, usually before training
+    # has saved; the run goes on from its newest verified checkpoint. Not a failure.
+    log "preempted (TERM; training ended with exit code $rc); continuing from the newest checkpoint"
+    if [ -n "$successor" ]; then
+        log "chain job $successor continues"
+        exit 0
+    fi
+    if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
+        log "requeueing (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    log "this job has used its $MAX_RESTARTS restart(s); submit $SCRIPT again to go on"
+    exit 1
 fi
 if [ "$rc" -ne 0 ]; then
     log "training failed (exit code $rc)"
