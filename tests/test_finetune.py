@@ -56,6 +56,10 @@ def common(env, run_dir):
             "train.save_interval=100", "zero.param_persistence_threshold=0"]
 
 
+def saving_every_2(overrides):
+    return [o for o in overrides if not o.startswith("train.save_interval=")] + ["train.save_interval=2"]
+
+
 def launch(cases: list, tmp: Path, timeout=900):
     spec = tmp / "cases.json"
     spec.write_text(json.dumps(cases))
@@ -71,7 +75,7 @@ def ds_runs(ft_env):
     """Every DeepSpeed case, in one 2-process world; returns {case: run_dir}."""
     root = ft_env["root"]
     runs = {n: root / n for n in ("zero0", "zero2_bf16", "zero1", "zero2", "zero3", "zero3_offload", "zero3_resumed", "lora_zero2",
-                                  "lora_zero3", "chat_zero2", "zero3_ckpt", "lora_zero2_ckpt")}
+                                  "lora_zero3", "chat_zero2", "zero3_ckpt", "lora_zero2_ckpt", "zero2_damaged")}
     full = "tiny_alpaca_cpu"
     cases = [
         {"recipe": full, "overrides": common(ft_env, runs["zero0"]) + ["zero.stage=0"]},
@@ -84,6 +88,13 @@ def ds_runs(ft_env):
         # stopped after step 4 (checkpoint), then a second run in the same directory resumes it
         {"recipe": full, "overrides": common(ft_env, runs["zero3_resumed"]) + ["zero=stage3", "train.exit_at_step=4"]},
         {"recipe": full, "overrides": common(ft_env, runs["zero3_resumed"]) + ["zero=stage3"]},
+        # checkpoints every 2 steps, stopped after step 6, a flipped byte in step 6's checkpoint: the
+        # resume sets it aside and goes on from step 4
+        {"recipe": full, "overrides": saving_every_2(common(ft_env, runs["zero2_damaged"])) + [
+            "zero=stage2", "train.exit_at_step=6", "train.keep_checkpoints=3"]},
+        {"damage": str(runs["zero2_damaged"])},
+        {"recipe": full, "overrides": saving_every_2(common(ft_env, runs["zero2_damaged"])) + [
+            "zero=stage2", "train.keep_checkpoints=3"]},
         {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero2"]) + [
             "zero=stage2", "lora.export=adapter", f"optimizer.clip_grad={LORA_CLIP}"]},
         {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero3"]) + [
@@ -299,6 +310,24 @@ def test_resume_from_deepspeed_checkpoint_is_bitwise_equal(ds_runs):
     assert without_time(metrics(resumed)) == without_time(metrics(ds_runs["zero3"]))
     assert len(metrics(resumed)) == STEPS
     assert "resumed_from_step: 4" in (resumed / "config.yaml").read_text()
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_resume_is_bitwise_equal(ds_runs):
+    """Fine-tuning checkpoints carry a manifest too: the damaged step-6 checkpoint fails
+    verification, is set aside, and the run resumes from step 4 to the uninterrupted run's numbers."""
+    run = ds_runs["zero2_damaged"]
+    damaged = (run / "damaged.txt").read_text().strip()
+    assert damaged.startswith("step_00000006/")
+    ckpts = run / "checkpoints"
+    assert (ckpts / "step_00000006.corrupt-1" / damaged.split("/", 1)[1]).is_file()
+    m = json.loads((ckpts / "step_00000010" / "manifest.json").read_text())["files"]
+    assert "train_state.json" in m and any(n.startswith("deepspeed/") for n in m) and "rng_rank1.pt" in m
+
+    def without_time(rows):
+        return [{k: v for k, v in row.items() if k != "step_time_s"} for row in rows]
+
+    assert without_time(metrics(run)) == without_time(metrics(ds_runs["zero2"]))
+    assert "resumed_from_step: 4" in (run / "config.yaml").read_text()
 
 
 def test_full_export_loads_in_transformers_with_the_trained_logits(ds_runs, full_reference, ft_env):

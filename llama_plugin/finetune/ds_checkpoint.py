@@ -4,7 +4,10 @@ Layout: <run_dir>/checkpoints/step_NNNNNNNN/
     deepspeed/            engine.save_checkpoint (module, ZeRO-partitioned optimizer state)
     rng_rank<R>.pt        each rank's torch RNG state (LoRA dropout continues exactly)
     train_state.json      step and the recipe fields an exact resume must share
-Each is written as step_NNNNNNNN.tmp and renamed when complete; only renamed ones count.
+    manifest.json         size and SHA-256 of every file (llama_plugin/stability/manifest.py)
+Each is written as step_NNNNNNNN.tmp, every rank fsyncs and hashes its own files, and the directory
+is renamed when complete (the rename made durable); only renamed ones count, and a resume takes
+the newest one that matches its manifest, setting aside (step_*.corrupt-<n>) any newer that does not.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from llama_plugin.stability import manifest
 
 TAG = "deepspeed"
 TRAIN_STATE = "train_state.json"
@@ -47,22 +52,39 @@ def save(engine, root: Path, step: int, train_state: dict, keep: int) -> Path:
     dist.barrier()
     engine.save_checkpoint(str(tmp), tag=TAG, client_state={"step": step}, save_latest=False)
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    dist.barrier()
     if rank == 0:
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=2) + "\n")
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+    dist.barrier()
+    manifest.write_manifest(tmp, {"resume_fields": train_state.get("resume_fields")},
+                            owner=manifest.written_by_deepspeed)
+    if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        manifest.fsync_dir(final.parent)
         for _, old in complete(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in Path(root).glob("step_*.tmp"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def newest_verified(root) -> Path | None:
+    """Collective: the newest complete checkpoint that matches its manifest; newer ones that do not
+    are set aside as <name>.corrupt-<n> with a warning."""
+    from llama_plugin.checkpoint import set_aside
+
+    for _, ckpt in reversed(complete(root)):
+        reason = manifest.verify(ckpt)
+        if reason is None:
+            return ckpt
+        dist.barrier()
+        if dist.get_rank() == 0:
+            aside = set_aside(ckpt)
+            print(f"[finetune] warning: {reason}; set aside as {aside.name}, trying an older checkpoint", flush=True)
+        dist.barrier()
+    return None
 
 
 def load(engine, ckpt: Path) -> dict:

@@ -69,15 +69,17 @@ def check_base_model(cfg) -> None:
 
 
 def check_resume(cfg) -> None:
-    found = ds_checkpoint.complete(Path(cfg.train.run_dir) / "checkpoints")
-    if not found:
+    for _, ckpt in reversed(ds_checkpoint.complete(Path(cfg.train.run_dir) / "checkpoints")):
+        try:  # a torn newest checkpoint is set aside when training starts; compare with the next
+            saved = json.loads((ckpt / ds_checkpoint.TRAIN_STATE).read_text())["resume_fields"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
+            continue
+        now = resume_fields(cfg)
+        for key, value in saved.items():
+            if now.get(key) != value:
+                raise RecipeError(f"{key}: {now.get(key)!r} differs from {value!r} in {ckpt}; an exact resume "
+                                  "needs the same value (or use a new train.run_dir)")
         return
-    saved = json.loads((found[-1][1] / ds_checkpoint.TRAIN_STATE).read_text())["resume_fields"]
-    now = resume_fields(cfg)
-    for key, value in saved.items():
-        if now.get(key) != value:
-            raise RecipeError(f"{key}: {now.get(key)!r} differs from {value!r} in {found[-1][1]}; an exact resume "
-                              "needs the same value (or use a new train.run_dir)")
 
 
 def resume_fields(cfg) -> dict:
@@ -184,9 +186,9 @@ def run(cfg) -> dict:
     torch.manual_seed(t.seed + 1000 + rank)  # dropout (LoRA) differs per rank
 
     start = 0
-    found = ds_checkpoint.complete(ckpt_root)
-    if found:
-        start = ds_checkpoint.load(engine, found[-1][1])["step"]
+    newest = ds_checkpoint.newest_verified(ckpt_root)
+    if newest is not None:
+        start = ds_checkpoint.load(engine, newest)["step"]
     log = JsonlLog(run_dir / "metrics.jsonl", start, enabled=rank == 0)
     if rank == 0:
         resolved = redact_secrets(OmegaConf.to_container(cfg))

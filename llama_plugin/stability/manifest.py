@@ -55,16 +55,28 @@ def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(ckpt_dir: Path, config: dict) -> None:
-    """Collective: fsync and hash this rank's files; rank 0 writes manifest.json and fsyncs the
-    directory. Call when every file is written (after a barrier)."""
+_DEEPSPEED_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
+
+
+def written_by_deepspeed(name: str, rank: int) -> bool:
+    """DeepSpeed checkpoints: each data-parallel rank writes its ZeRO shards
+    (zero_pp_rank_<r>_...) and the trainer its RNG state (rng_rank<r>.pt); rank 0 the rest."""
+    m = _DEEPSPEED_RANK_FILE.search(name)
+    return int(m.group(1)) == rank if m else rank == 0
+
+
+def write_manifest(ckpt_dir: Path, config: dict, owner=written_by) -> None:
+    """Collective: fsync and hash this rank's files (subdirectories included; `owner(name, rank)`
+    says who wrote a file); rank 0 writes manifest.json and fsyncs the directories. Call when every
+    file is written (after a barrier)."""
     ckpt_dir = Path(ckpt_dir)
     rank = dist.get_rank()
     mine = {}
-    for p in sorted(ckpt_dir.iterdir()):
-        if p.is_file() and p.name != MANIFEST and written_by(p.name, rank):
+    for p in sorted(ckpt_dir.rglob("*")):
+        name = p.relative_to(ckpt_dir).as_posix()
+        if p.is_file() and name != MANIFEST and owner(p.name, rank):
             fsync_file(p)
-            mine[p.name] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+            mine[name] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if rank == 0:
@@ -73,7 +85,8 @@ def write_manifest(ckpt_dir: Path, config: dict) -> None:
         path = ckpt_dir / MANIFEST
         path.write_text(json.dumps(manifest, indent=1) + "\n")
         fsync_file(path)
-        fsync_dir(ckpt_dir)
+        for d in [ckpt_dir, *(p for p in ckpt_dir.rglob("*") if p.is_dir())]:
+            fsync_dir(d)
     dist.barrier()
 
 
