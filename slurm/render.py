@@ -289,6 +289,23 @@ while kill -0 "$srun_pid" 2>/dev/null; do  # a trapped signal interrupted `wait`
     wait "$srun_pid" || rc=$?
 done
 
+# The run goes on after this job: in the chain's waiting successor, else by a requeue while this
+# job has restarts left.
+# shellcheck disable=SC2317  # called below
+go_on() {
+    if [ -n "$successor" ]; then
+        log "$1; chain job $successor continues"
+        exit 0
+    fi
+    if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
+        log "$1; requeueing (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    log "$1; this job has used its $MAX_RESTARTS restart(s); submit $SCRIPT again to go on"
+    exit 1
+}
+
 # A segment that ends well resets the chain's count of failures in a row.
 if [ -e "$RUN_DIR/@FINISHED_MARKER@" ]; then
     log "training finished"
@@ -313,18 +330,9 @@ if [ -s "$RUN_DIR/@REQUEUE_REQUEST@" ]; then
         exclude=(--exclude="$(sort -u "$SLURM_DIR/@EXCLUDED_NODES@" | paste -sd, -)")
         log "$reason: node(s) $(sort -u "$SLURM_DIR/@EXCLUDED_NODES@" | paste -sd, -) excluded from now on"
     fi
-    if [ -n "$successor" ]; then
-        if [ -n "$hosts" ]; then
-            scontrol update JobId="$successor" ExcNodeList="$(sort -u "$SLURM_DIR/@EXCLUDED_NODES@" | paste -sd, -)"
-        fi
-        log "chain job $successor continues"
-        exit 0
-    fi
-    if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
-        log "this job has used its $MAX_RESTARTS restart(s); submit $SCRIPT again to go on"
-        exit 1
-    fi
-    if [ -n "$hosts" ]; then
+    if [ -n "$hosts" ] && [ -n "$successor" ]; then
+        scontrol update JobId="$successor" ExcNodeList="$(sort -u "$SLURM_DIR/@EXCLUDED_NODES@" | paste -sd, -)"
+    elif [ -n "$hosts" ] && [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
         # A running job's node list cannot change: a replacement job takes over, without the node.
         replacement=$(env -u SLURM_RESTART_COUNT -u SLURM_JOB_ID -u SLURM_JOBID -u SLURM_JOB_NAME \
             LLAMA_RESTART_BASE=$((RESTARTS + 1)) LLAMA_CHAIN_INDEX="$CHAIN_INDEX" \
@@ -335,25 +343,12 @@ if [ -s "$RUN_DIR/@REQUEUE_REQUEST@" ]; then
         log "requeued as job $replacement (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
         exit 0
     fi
-    log "requeueing (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    go_on "$reason"
 fi
 if [ "$rc" -ne 0 ] && [ "$stop_signal" = TERM ]; then
     # Preempted: srun, signalled itself, ends the job step within seconds, usually before training
     # has saved; the run goes on from its newest verified checkpoint. Not a failure.
-    log "preempted (TERM; training ended with exit code $rc); continuing from the newest checkpoint"
-    if [ -n "$successor" ]; then
-        log "chain job $successor continues"
-        exit 0
-    fi
-    if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
-        log "requeueing (restart $((RESTARTS + 1)) of $MAX_RESTARTS)"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
-    fi
-    log "this job has used its $MAX_RESTARTS restart(s); submit $SCRIPT again to go on"
-    exit 1
+    go_on "preempted (TERM; training ended with exit code $rc), to continue from the newest checkpoint"
 fi
 if [ "$rc" -ne 0 ]; then
     log "training failed (exit code $rc)"
@@ -364,15 +359,5 @@ if [ "$rc" -ne 0 ]; then
 fi
 # Exit 0 without the marker: training checkpointed and stopped (signal or train.exit_interval).
 rm -f "$SLURM_DIR/chain_failures"
-if [ -n "$successor" ]; then
-    log "training stopped after a checkpoint (stop asked: $stop_asked); chain job $successor continues"
-    exit 0
-fi
-if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
-    log "training stopped after a checkpoint (stop asked: $stop_asked); requeueing"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-fi
-log "training stopped, and this job has used its $MAX_RESTARTS restart(s); submit $SCRIPT again to go on"
-exit 1
+go_on "training stopped after a checkpoint (stop asked: $stop_asked)"
 """
