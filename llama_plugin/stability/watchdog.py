@@ -6,7 +6,6 @@ waiting for it in a collective."""
 from __future__ import annotations
 
 import faulthandler
-import json
 import os
 import threading
 import time
