@@ -15,8 +15,8 @@ Stability (llama_plugin/stability/, recipe group `stability`): a step with a non
 norm on any rank is not applied; a loss spike, or too many such steps in a row, rolls back to an
 older checkpoint and skips data (skipped_batches.json); every sdc_check_interval steps one
 micro-batch is recomputed and compared bitwise (a mismatch: checkpoint, exit 76 and requeue.json
-naming the node); a hang dumps stacks to incidents/ and exits 75 for a requeue. Goodput goes to
-run_state.json and W&B.
+naming the node); a hang dumps stacks to incidents/ and exits 75 for a requeue; every rank's step
+time goes to step_times.jsonl. Goodput goes to run_state.json and W&B.
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def run(cfg, notes: list[str]) -> dict:
 
     _get_write_results_queue()
     faults = FaultInjector(cfg.faults, chunks, run_dir) if any_enabled(cfg.faults) else None
-    stragglers = StragglerMonitor(s.straggler_factor)
+    stragglers = StragglerMonitor(s.straggler_factor, run_dir)
     watchdog = HangWatchdog(run_dir, rank, s.hang_timeout_s)
     last_loss = last_val = None
     first_val = None
@@ -392,6 +392,7 @@ def run(cfg, notes: list[str]) -> dict:
                     m[f"data/{name}_share"] = float(count) / float(consumed.sum())
                 m.update(goodput.metrics())
             metrics.log(step, m)
+            stragglers.log(step)
             if rank == 0:
                 line = format_line(step, t.steps, m)
                 (bar.write(line) if bar and not bar.disable else print(line, flush=True))

@@ -184,7 +184,8 @@ class FaultsConfig:
 
     loss_spike_at_step: Optional[int] = None  # the step's loss, as the run sees it, times loss_spike_factor
     loss_spike_factor: float = 10.0
-    nan_grad_at_step: Optional[int] = None  # a NaN in one gradient element of nan_grad_rank
+    nan_grad_at_step: Optional[int] = None  # a NaN in one gradient element of nan_grad_rank,
+    nan_grad_steps: int = 1  # in this many steps in a row (each once per run)
     nan_grad_rank: int = 0
     bitflip_from_step: Optional[int] = None  # from this step on, every other output of one linear
     bitflip_rank: int = 0  # layer on this rank has a bit flipped (an intermittently faulty GPU)

@@ -22,8 +22,8 @@ TINY = ["tiny_cpu", "model.num_layers=2", "model.hidden_size=64", "train.steps=1
 DP2 = ["parallel=cpu_single"]  # two data-parallel replicas: a NaN on one shows only in its own norm
 
 
-def train(demo_data, run_dir, *extra, check=True):
-    r = torchrun([*TINY, f"train.run_dir={run_dir}", *extra], {"DEMO_DATA": str(demo_data)})
+def train(demo_data, run_dir, *extra, check=True, nproc=2):
+    r = torchrun([*TINY, f"train.run_dir={run_dir}", *extra], {"DEMO_DATA": str(demo_data)}, nproc=nproc)
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -91,8 +91,38 @@ def test_a_slow_rank_is_flagged(nan_and_spike):
     _, fault, ref = nan_and_spike
     flagged = re.findall(r"straggler\(s\): rank (\d) \(\S+\) at ([\d.]+)x", fault.stdout)
     assert len(flagged) >= 10 and {r for r, _ in flagged} == {"1"}
+    # Every rank's step time is logged at every logged step (here every step, replays included).
+    times = rows(nan_and_spike[0] / "fault", "step_times.jsonl")
+    assert [r["step"] for r in times] == list(range(1, 10)) + list(range(7, 13))
+    assert all(len(r["ms"]) == 2 and r["ms"][1] >= r["ms"][0] + 250 for r in times)  # rank 1 sleeps 0.3 s
     assert "straggler" not in ref.stdout  # and no rank is flagged without the sleep
     assert "silent data corruption" not in fault.stdout + fault.stderr + ref.stdout + ref.stderr  # no false alarm
+
+
+def test_non_finite_steps_in_a_row_roll_back_like_a_spike(demo_data, tmp_path):
+    """NaN gradients in steps 5 and 6 with max_consecutive_skips=2: the second skip rolls back to the
+    newest checkpoint at least rollback_steps=2 before step 6 (step 4) and skips the next 2 batches
+    (4 and 5, the two whose updates were voided). The reference is a clean run whose ledger leaves
+    out those batches from the start; both end after 8 updates with bitwise equal weights."""
+    one = ["parallel=cpu_single", "train.steps=8", "stability.spike_detection=false", "stability.rollback_steps=2",
+           "stability.max_consecutive_skips=2", "stability.sdc_check_interval=0"]
+    fault = train(demo_data, tmp_path / "fault", *one, "faults.nan_grad_at_step=5", "faults.nan_grad_steps=2",
+                  nproc=1)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "skipped_batches.json").write_text(json.dumps({"entries": [{"at_step": 4, "skip": 2}]}))
+    train(demo_data, tmp_path / "ref", *one, nproc=1)
+    ledger = json.loads((tmp_path / "fault" / "skipped_batches.json").read_text())["entries"]
+    assert [(e["at_step"], e["skip"], e["detected_at_step"], e["checkpoint"]) for e in ledger] == [
+        (4, 2, 6, "step_00000004")]
+    assert "2 non-finite steps in a row" in ledger[0]["reason"]
+    m = rows(tmp_path / "fault")
+    assert [r["step"] for r in m] == list(range(1, 9))
+    assert [r["step"] for r in rows(tmp_path / "fault", "metrics.rolled_back.jsonl")] == [5, 6]
+    assert (m[-1]["stability/skipped_steps"], m[-1]["stability/rollbacks"], m[-1]["stability/spikes"]) == (2, 1, 0)
+    a = final_weights(tmp_path / "fault", tmp_path, "fault_hf")
+    b = final_weights(tmp_path / "ref", tmp_path, "ref_hf")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert fault.stdout.count("update skipped on every rank") == 2
 
 
 KILL9 = ["parallel=cpu_single", "model.num_layers=2", "model.hidden_size=64", "train.steps=240",

@@ -52,9 +52,11 @@ class FaultInjector:
                 time.sleep(1)
 
     def after_backward(self, step: int) -> None:
-        """Once the gradients are reduced: a NaN in one element of nan_grad_rank's gradients; the
-        straggler's sleep."""
-        if self._once("nan_grad", step, self.f.nan_grad_at_step, self.f.nan_grad_rank):
+        """Once the gradients are reduced: a NaN in one element of nan_grad_rank's gradients (in
+        nan_grad_steps steps in a row); the straggler's sleep."""
+        first = self.f.nan_grad_at_step
+        nan_step = step if first is not None and first <= step < first + self.f.nan_grad_steps else None
+        if self._once(f"nan_grad-step{step}", step, nan_step, self.f.nan_grad_rank):
             buffer = self.chunks[0].buffers[0].grad_data
             buffer.view(-1)[buffer.numel() // 2] = float("nan")
             print(f"[faults] rank {self.rank}: NaN in a gradient at step {step}", flush=True)
