@@ -101,6 +101,9 @@ class ClusterConfig:
     # Dense bf16 FLOP/s per GPU for MFU. Always used when set; else llama_plugin/throughput.py's
     # table by exact device name (an unknown GPU: a warning and no MFU). Written to the run config.
     peak_flops_per_gpu: Optional[float] = None
+    # For the planner (python -m llama_plugin.plan) and slurm.launch's fit check; None on CPU nodes.
+    gpu_memory_gb: Optional[float] = None  # GiB per GPU (an A100-80GB: 80)
+    gpu_power_w: Optional[float] = None  # what the carbon estimate charges per GPU (A100: 400 W)
     # --- Slurm (slurm/launch.py); the rest is ignored by a direct torchrun ---
     partition: Optional[str] = None
     account: Optional[str] = None

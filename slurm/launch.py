@@ -1,6 +1,6 @@
 """Render a recipe's Slurm job and submit it.
 
-    python -m slurm.launch <recipe> [hydra overrides] [--dry-run]
+    python -m slurm.launch <recipe> [hydra overrides] [--dry-run] [--skip-memory-check]
 
 Composes the recipe (same tree and overrides as `python -m llama_plugin.train`, or as
 `python -m llama_plugin.finetune` for a fine-tuning recipe, which then runs instead), checks the
@@ -8,6 +8,8 @@ parallel layout against the allocation (tensor * pipeline * data == cluster.node
 cluster.gpus_per_node, tensor parallelism within a node, batch sizes), writes
 <run_dir>/slurm/recipe.yaml (the composed recipe the job trains from) and
 <run_dir>/slurm/job.sbatch, prints the script and submits it with sbatch unless --dry-run.
+On GPU clusters that state `cluster.gpu_memory_gb`, a layout the planner (llama_plugin/plan/)
+predicts not to fit is refused, naming its largest memory term; --skip-memory-check launches anyway.
 Errors name the field and exit 2 before anything is submitted.
 """
 
@@ -26,10 +28,24 @@ from recipes.schema import RecipeConfig
 from llama_plugin.run_files import is_secret
 from slurm.render import CHAIN_STOP, JOBS_FILE, render
 
-USAGE = "usage: python -m slurm.launch <recipe> [overrides] [--dry-run]"
+USAGE = "usage: python -m slurm.launch <recipe> [overrides] [--dry-run] [--skip-memory-check]"
 
 
-def check_allocation(cfg) -> dict:
+def check_memory(resolved) -> None:
+    """RecipeError when the planner predicts the layout does not fit cluster.gpu_memory_gb."""
+    from llama_plugin.plan.memory import GB, Layout, plan_memory
+
+    c, t = resolved.cluster, resolved.train
+    mem = plan_memory(resolved.model, Layout.of(resolved), t.precision, t.global_batch_size, c.gpu_memory_gb)
+    if not mem["fits"]:
+        raise RecipeError(
+            f"parallel: predicted {mem['peak_bytes'] / GB:.1f} GiB per GPU (pipeline stage {mem['peak_stage']}) is more "
+            f"than cluster.gpu_memory_gb={c.gpu_memory_gb:g}; largest term: {mem['largest_term']} "
+            f"{mem['largest_term_bytes'] / GB:.1f} GiB. See `python -m llama_plugin.plan {resolved.name} ...`; "
+            "--skip-memory-check launches anyway")
+
+
+def check_allocation(cfg, memory_check: bool = True) -> dict:
     """The layout the allocation gives; RecipeError when the recipe does not fit it."""
     c, p = cfg.cluster, cfg.parallel
     world = c.nodes * c.gpus_per_node
@@ -45,6 +61,8 @@ def check_allocation(cfg) -> dict:
             raise
         raise RecipeError(f"{e} (world size = cluster.nodes * cluster.gpus_per_node = {c.nodes} * "
                           f"{c.gpus_per_node})") from None
+    if memory_check and c.gpu_memory_gb is not None:
+        check_memory(resolved)
     rp = resolved.parallel
     return {"world_size": world, "tensor": rp.tensor, "pipeline": rp.pipeline, "data": rp.data, "notes": notes}
 
@@ -83,7 +101,7 @@ def secret_env(cfg) -> dict:
     return {k: v for k, v in cfg.cluster.env.items() if is_secret(k)}
 
 
-def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
+def prepare(recipe: str, overrides: list[str], cwd: Path | None = None, memory_check: bool = True):
     """(script path, script text, layout) with the files written; nothing submitted."""
     finetune = is_finetune_recipe(recipe)
     if finetune:
@@ -93,7 +111,7 @@ def prepare(recipe: str, overrides: list[str], cwd: Path | None = None):
         layout = check_finetune_allocation(cfg)
     else:
         cfg = compose(recipe, overrides, RecipeConfig)
-        layout = check_allocation(cfg)
+        layout = check_allocation(cfg, memory_check)
     cwd = Path.cwd() if cwd is None else cwd
     workdir = Path(cfg.cluster.workdir or cwd).absolute()
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -127,13 +145,13 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    dry_run = "--dry-run" in argv
-    argv = [a for a in argv if a != "--dry-run"]
+    dry_run, memory_check = "--dry-run" in argv, "--skip-memory-check" not in argv
+    argv = [a for a in argv if a not in ("--dry-run", "--skip-memory-check")]
     if argv[0].startswith("-") or "=" in argv[0]:
         print(f"error: {USAGE}", file=sys.stderr)
         return 2
     try:
-        script_file, text, layout = prepare(argv[0], argv[1:])
+        script_file, text, layout = prepare(argv[0], argv[1:], memory_check=memory_check)
         # Composed again for the values prepare() keeps out of every file it writes.
         secrets = secret_env(compose(argv[0], argv[1:]))
     except RecipeError as e:

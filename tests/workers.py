@@ -134,3 +134,66 @@ def attention_core_parity(result_path: str, hf_dir: str, tp: int, sequence_paral
         with open(result_path, "w") as f:
             json.dump({"logits_max_abs_diff": diffs[0].item(), "grad_max_abs_diff": diffs[1].item(), "grad_max_abs": diffs[2].item(),
                        "logits_max_abs": la.abs().max().item(), "cores": [ca, cb]}, f)
+
+
+def plan_measurements(result_path: str, model: dict, layouts: list[dict]) -> None:
+    """For each layout: what the real model keeps for backward (per layer: 4 layers minus 2, one
+    forward; and the peak of live saved bytes over a real training step) and the real weights,
+    gradient buffers and optimizer states of every rank after that step. Each rank appends its rows."""
+    from megatron.core import parallel_state
+
+    from llama_plugin.plan.measure import SavedBytes, optimizer_state_bytes, parameter_storages
+
+    for layout in layouts:
+        tp, pp = layout.get("tp", 1), layout.get("pp", 1)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[layout["dtype"]]
+        init_distributed(tp, pp)
+        shape = {**model, **layout.get("model", {})}
+        s, b = shape["seq_length"], layout["micro_batch"]
+
+        def build(num_layers):
+            m = OmegaConf.create({**shape, "num_layers": num_layers})
+            config = transformer_config(
+                m, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype,
+                sequence_parallel=layout.get("sequence_parallel", False),
+                bias_activation_fusion=layout.get("fused_swiglu", False),
+                **transformer_overrides(OmegaConf.create({"recompute": layout["recompute"], "tp_comm_overlap": False})))
+            return m, config, build_gpt_model(m, config)
+
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, shape["vocab_size"], (b, s + 1), generator=gen)
+        row = {"name": layout["name"], "rank": torch.distributed.get_rank()}
+        if pp == 1:
+            totals = []
+            for n in (2, 4):
+                _, _, net = build(n)
+                counter = SavedBytes(parameter_storages([net]))
+                positions = torch.arange(s).unsqueeze(0).expand(b, -1)
+                with counter.active():
+                    net(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
+                totals.append(counter.total)
+            row["layer_bytes"] = (totals[1] - totals[0]) // 2
+        m, config, net = build(shape["num_layers"])
+        chunks = wrap_ddp([net], config, overlap_grad_reduce=layout.get("overlap_grad_reduce", False),
+                          use_distributed_optimizer=layout.get("distributed_optimizer", False),
+                          bucket_size=layout.get("bucket_size"))
+        optimizer = build_optimizer(chunks, lr=1e-3, weight_decay=0.1, params_dtype=dtype,
+                                    use_distributed_optimizer=layout.get("distributed_optimizer", False))
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        batches = [Batch(tokens[:, :-1], tokens[:, 1:], torch.ones(b, s)) for _ in range(layout["micro_batches"])]
+        counter = SavedBytes(parameter_storages(chunks))
+        with counter.active():
+            _, _, ok = train_step(chunks, optimizer, batches)
+        assert ok
+        buffers = [buf for c in chunks for buf in c.buffers]
+        row.update({
+            "stage": parallel_state.get_pipeline_model_parallel_rank(), "dp": dp, "dp_rank": dp_rank,
+            "peak_saved_bytes": counter.peak,
+            "weights": sum(p.numel() * p.element_size() for p in net.parameters()),
+            "grad_buffer": sum(buf.grad_data.numel() * buf.grad_data.element_size() for buf in buffers),
+            "param_buffer": sum(buf.param_data.numel() * buf.param_data.element_size()
+                                for buf in buffers if buf.param_data is not None),
+            **optimizer_state_bytes(optimizer, chunks),
+        })
+        with open(result_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
