@@ -9,7 +9,8 @@ corpus-wide span dedup adds two (see STAGED_WORK). Each task writes <output>/<ta
 that name only once the task has finished; a killed run started again skips finished tasks and
 redoes the others from their start, so no document is lost or written twice.
 <output>/clean_report.json has the per-step statistics: documents and characters in, dropped by
-which rule, out.
+which rule, out; and `filters_not_applied`, the source's optional filters this config leaves out
+(also printed as warnings).
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def c4_stages(cfg) -> list[Stage]:
     return [
         Stage("filter", [JsonlDocumentsReader(cfg.input, "c4"),
                          LanguageFilter(cfg.language_id_model, list(c.languages), c.min_language_score),
-                         C4QualityFilter(c.min_words_per_line, c.min_sentences, c.bad_words_file),
+                         C4QualityFilter(c.min_words_per_line, c.min_sentences, c.bad_words_file, c.max_word_length),
                          AtomicJsonlWriter(str(work / "pages")),
                          SentenceDedupSignature(str(work / "signatures"), config=dedup, language=splitter)],
               cfg.tasks),
@@ -288,8 +289,26 @@ def check_perplexity_filter(c) -> None:
                           f"{', '.join(BUCKETS)}")
 
 
+def unapplied_filters(cfg) -> list[str]:
+    """The source's optional filters this config leaves out: named in the report and on stderr."""
+    out = []
+    if cfg.source == "c4" and not cfg.c4.bad_words_file:
+        out.append("c4 bad-words filter: c4.bad_words_file is not set (C4 used the LDNOOBW English list)")
+    if cfg.source == "commoncrawl":
+        c = cfg.commoncrawl
+        if not c.kenlm_model:
+            out.append("commoncrawl perplexity filter (CCNet's KenLM): commoncrawl.kenlm_model is not set")
+        if not (c.reference_classifier or (c.reference_positives and c.reference_negatives)):
+            out.append("commoncrawl 'referenced by Wikipedia' classifier: commoncrawl.reference_classifier "
+                       "(or reference_positives and reference_negatives) is not set")
+    return out
+
+
 def run(cfg) -> dict:
     """Run (or finish) the pipeline; returns the report (also written to clean_report.json)."""
+    not_applied = unapplied_filters(cfg)
+    for what in not_applied:
+        print(f"warning: not applied: {what}", file=sys.stderr)
     output = Path(cfg.output)
     logging_dir = Path(cfg.logging_dir or output / ".logs")
     stages = build_stages(cfg)
@@ -322,6 +341,7 @@ def run(cfg) -> dict:
             LocalPipelineExecutor(pipeline=stage.pipeline, tasks=stage.tasks, workers=min(cfg.workers, stage.tasks),
                                   logging_dir=str(logs), start_method="fork").run()
     report = report_from_logs(list(zip(stages, stage_logs)), cfg)
+    report["filters_not_applied"] = not_applied
     tmp = output / "clean_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, output / "clean_report.json")

@@ -257,9 +257,11 @@ class BooksCleanConfig:
 
 @dataclass
 class C4CleanConfig:
-    # C4's own values (Raffel et al. 2020): lines of >= 3 words, pages of >= 5 sentences.
-    min_words_per_line: int = 3
-    min_sentences: int = 5
+    # As the code that made C4 (TFDS c4_utils.py; the T5 paper's prose swaps 3 and 5): lines of
+    # >= 5 words, pages of >= 3 sentences, no word over 1,000 characters.
+    min_words_per_line: int = 5
+    min_sentences: int = 3
+    max_word_length: int = 1000
     bad_words_file: Optional[str] = None  # one word per line (C4 used the LDNOOBW English list)
     languages: List[str] = field(default_factory=lambda: ["en"])
     min_language_score: float = 0.5

@@ -371,9 +371,10 @@ Was anyone hurt? Officials said nobody had been injured so far."""
 
 
 def test_c4_line_and_page_rules(tmp_path):
-    from data_prep.sources.c4 import c4_clean
+    """C4's rules as TFDS's c4_utils.clean_page has them (the code that made C4), each at its edge."""
+    from data_prep.sources.c4 import bad_words_pattern, c4_clean
 
-    page, reason = c4_clean(GOOD_PAGE, 3, 5, frozenset())
+    page, reason = c4_clean(GOOD_PAGE)
     assert reason is None
     assert page == (
         "The river rose quickly after three days of heavy rain in the valley.\n"
@@ -382,10 +383,24 @@ def test_c4_line_and_page_rules(tmp_path):
         "Engineers said it would reopen once the current slowed down.\n"
         "Volunteers handed out sandbags at the school until midnight!\n"
         "Was anyone hurt? Officials said nobody had been injured so far.")
-    assert c4_clean(GOOD_PAGE + "\nLorem ipsum dolor sit amet, consectetur.", 3, 5, frozenset())[1] == "lorem_ipsum"
-    assert c4_clean(GOOD_PAGE + "\nfunction f() { return 1; }", 3, 5, frozenset())[1] == "curly_bracket"
-    assert c4_clean(GOOD_PAGE, 3, 5, frozenset({"sandbags"}))[1] == "bad_words"
-    assert c4_clean(GOOD_PAGE, 3, 8, frozenset())[1] == "too_few_sentences"  # 7 sentences survive
+    three = "One two three four five.\nSix seven eight nine ten!\nEleven twelve thirteen fourteen fifteen?"
+    assert c4_clean(three) == (three, None)  # 5 words per line, 3 sentences: both at the minimum
+    assert c4_clean(three.replace("One two", "Two"))[1] == "too_few_sentences"  # a 4-word line goes: 2 left
+    lines: dict = {}
+    edge = [f"{'x' * 1000} a b c d.", f"{'y' * 1001} a b c d.", "A line that ends in dots...",
+            '"A line that ends in a quote" he said "so."', "A line that ends in a single 'quote'",
+            "Please enable javascript to see the comments.", "We use cookies to improve the site."]
+    page, _ = c4_clean("\n".join([three, *edge]), lines_dropped=lines)
+    assert page.split("\n")[3:] == [edge[0], edge[3]]
+    assert lines == {"too_long_word": 1, "no_end_mark": 2, "javascript": 1, "policy": 1}
+    # Page rules apply to lines that passed the line rules only.
+    assert c4_clean(three + "\nfunction f() { return 1; }")[1] is None  # no end mark: the line goes, the page stays
+    assert c4_clean(three + "\nThen call f() { return 1; } here.")[1] == "curly_bracket"
+    assert c4_clean(three + "\nLorem ipsum dolor sit amet, consectetur.")[1] == "lorem_ipsum"
+    words = bad_words_pattern(frozenset({"sandbags"}))
+    assert c4_clean(GOOD_PAGE, bad_words=words)[1] == "bad_words"
+    assert c4_clean("Sandbags were handed out all night.\n" + three, bad_words=words)[1] is None  # C4: not at a line's start
+    assert c4_clean(GOOD_PAGE, min_sentences=8)[1] == "too_few_sentences"  # 7 sentences survive
 
     lid = samples.language_id_model()
     pages = tmp_path / "c4"
@@ -395,7 +410,9 @@ def test_c4_line_and_page_rules(tmp_path):
                {"text": "Only two sentences here. That is all."}]
     (pages / "part0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     report, docs = clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={lid}")
-    assert [d["text"] for d in docs] == [c4_clean(GOOD_PAGE, 3, 5, frozenset())[0]]
+    assert [d["text"] for d in docs] == [c4_clean(GOOD_PAGE)[0]]
+    assert report["filters_not_applied"] == [
+        "c4 bad-words filter: c4.bad_words_file is not set (C4 used the LDNOOBW English list)"]
     assert docs[0]["language"] == "en" and docs[0]["url"] == "a"
     # The copy's every 3-sentence span repeats the first page's: all its sentences go, then the page.
     assert step_stats(report, "sentence-deduplication stage 3")["removed_sentences"] == 7
@@ -427,7 +444,7 @@ def test_c4_three_sentence_span_dedup_across_tasks(tmp_path):
            "The weather service expects the rain to ease by Thursday."]
     second = own[:2] + shared + own[2:]  # four shared sentences: two repeated spans
     two_shared = own[:3] + shared[:2] + own[3:]  # only two: no 3-sentence span repeats
-    short = own[3:] + shared[:3]  # two left after the span goes: fewer than 5
+    short = own[3:] + shared[:3]  # two left after the span goes: fewer than 3
     pages = tmp_path / "c4"
     pages.mkdir()
     (pages / "a.jsonl").write_text(json.dumps({"text": "\n".join(first), "id": "first"}) + "\n")

@@ -72,6 +72,36 @@ def test_tokenizer_defaults_to_llama_vocab_and_names_the_file_when_it_cannot(cor
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
 
+def test_tokenizer_learns_from_long_documents_and_source_files(corpus, tmp_path):
+    """SentencePiece skips every training "sentence" over 4,192 bytes: a 20 KB document and a source
+    file given whole leave no trace (checked here with sentencepiece itself); train_tokenizer feeds
+    them line by line, long lines cut at spaces, and learns their words."""
+    from data_prep.tokenizer import training_sentences
+
+    book = [json.loads(line)["text"] for line in corpus[0].read_text().splitlines()]
+    long_doc = " ".join(["The quokkaberries ripened slowly on the hill."] * 450)  # one 20 KB line
+    source = "\n".join(f"def frobnicate_{i}(widget):\n    return widget.frobnicate()\n" for i in range(150))
+    assert len(long_doc.encode()) > 20_000 and len(source.encode()) > 8_000
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*book, long_doc, source]))
+    cut = list(training_sentences(long_doc))
+    assert len(cut) == 5 and max(len(c.encode()) for c in cut) <= 4192 and " ".join(cut) == long_doc
+    assert list(training_sentences("ab\n" + "é" * 3000, limit=4192)) == ["ab", "é" * 2096, "é" * 904]
+
+    def pieces(model_file):
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        return {sp.id_to_piece(i) for i in range(sp.vocab_size())}
+
+    learned = pieces(train_tokenizer([docs], tmp_path / "tok", vocab_size=1100))
+    assert any("quokkaberries" in p for p in learned) and any("frobnicate" in p for p in learned)
+    whole = tmp_path / "whole"  # the old way: every document one sentence
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([*book, long_doc, source]), model_prefix=str(whole),
+                                   model_type="bpe", vocab_size=1100, byte_fallback=True, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   num_threads=1, minloglevel=2)
+    assert not any("quokka" in p or "frobnic" in p for p in pieces(f"{whole}.model"))
+
+
 def test_hf_tokenizer_ids_equal_sentencepiece(corpus, tmp_path):
     from transformers import AutoTokenizer, LlamaTokenizer
 

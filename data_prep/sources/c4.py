@@ -1,16 +1,22 @@
 """C4 (Raffel et al. 2020), as LLaMA re-processed it: exact dedup, language id, and C4's
-heuristics, line level and page level (thresholds in recipes/schema.py, C4's values):
+heuristics as the code that made C4 has them (TFDS `c4_utils.clean_page`; the T5 paper's prose
+swaps the two counts), thresholds in recipes/schema.py. Line by line, in this order:
 
-- lines: kept only if they end in terminal punctuation and have at least `min_words_per_line`
-  words; lines mentioning javascript or a cookie/privacy/terms-of-use policy are dropped;
-  citation markers like [1], [edit], [citation needed] are removed;
-- pages: dropped if they contain "lorem ipsum", a curly bracket (code), or a word from the
-  bad-words list (a file, one word per line), or have fewer than `min_sentences` sentences left;
-- dedup, C4's rule: "we discarded all but one of any three-sentence span occurring more than once
-  in the data set". This runs on datatrove's three sentence-dedup stages (span hashes per task,
-  one sorted merge that finds repeats, per-task removal), so it scales past one task; sentences
-  come from `SentenceSplitter` below. A page left with fewer than `min_sentences` sentences is
-  dropped. Exact duplicate pages need no step of their own: every span of a copy repeats.
+- a line with a word over `max_word_length` (1,000) characters goes; citation markers ([1],
+  [edit], [citation needed]) are removed; a line must end in . ? ! or " and not in an ellipsis,
+  and have at least `min_words_per_line` (5) words;
+- then, among such lines: "lorem ipsum" drops the page; "javascript" drops the line; a curly
+  bracket drops the page (code); a cookie/privacy/terms-of-use line goes; a bad word (from the
+  list file; none without one, and the report says so) drops the page. As C4's regex, a bad word
+  counts only with a non-letter on both sides inside the line;
+- a page left with fewer than `min_sentences` (3) sentences is dropped. Sentences are counted by
+  end marks (C4 used nltk's punkt, a download).
+
+Then dedup, C4's rule: "we discarded all but one of any three-sentence span occurring more than once
+in the data set". This runs on datatrove's three sentence-dedup stages (span hashes per task, one
+sorted merge that finds repeats, per-task removal), so it scales past one task; sentences come from
+`SentenceSplitter` below. A page left with fewer than `min_sentences` sentences is dropped. Exact
+duplicate pages need no step of their own: every span of a copy repeats.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from data_prep.sources import InputError
 
-TERMINAL_PUNCTUATION = (".", "!", "?", '"', "”", "'")
+END_MARKS = (".", "?", "!", '"')
+ELLIPSIS = "..."
 POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.I)
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _SENTENCE_END = re.compile(r"[.!?]+[\"'”]?(?=\s|$)")
 
 
@@ -42,43 +49,74 @@ def load_bad_words(path: str | None) -> frozenset[str]:
         raise InputError(f"{path}: cannot read the bad-words list ({e.strerror})") from None
 
 
-def c4_clean(text: str, min_words_per_line: int, min_sentences: int, bad_words: frozenset[str]):
-    """(cleaned page, None) or (None, the rule that dropped it)."""
-    lowered = text.lower()
-    if "lorem ipsum" in lowered:
-        return None, "lorem_ipsum"
-    if "{" in text:
-        return None, "curly_bracket"
-    if bad_words and bad_words & set(re.findall(r"[\w'-]+", lowered)):
-        return None, "bad_words"
-    kept = []
-    for line in text.split("\n"):
-        line = _CITATION.sub("", line).strip()
+def bad_words_pattern(words: frozenset[str]) -> re.Pattern | None:
+    """C4's test: a listed word with a non-letter before and after it, inside the lower-cased line
+    (so not at the very start or end of a line). The words match literally."""
+    if not words:
+        return None
+    return re.compile("[^a-z](" + "|".join(re.escape(w) for w in sorted(words)) + ")[^a-z]")
+
+
+def c4_clean(text: str, min_words_per_line: int = 5, min_sentences: int = 3, bad_words: re.Pattern | None = None,
+             max_word_length: int = 1000, lines_dropped: dict | None = None):
+    """(cleaned page, None) or (None, the rule that dropped the page). `lines_dropped` counts the
+    lines each line rule removed."""
+    def drop_line(rule):
+        if lines_dropped is not None:
+            lines_dropped[rule] = lines_dropped.get(rule, 0) + 1
+
+    kept, sentences = [], 0
+    for line in text.splitlines():
+        line = line.strip()
+        if any(len(word) > max_word_length for word in line.split()):
+            drop_line("too_long_word")
+            continue
+        line = _CITATION.sub("", line)
+        if not line.endswith(END_MARKS) or line.endswith(ELLIPSIS):
+            drop_line("no_end_mark")
+            continue
+        if len(line.split()) < min_words_per_line:
+            drop_line("too_few_words")
+            continue
         low = line.lower()
-        if not line.endswith(TERMINAL_PUNCTUATION) or len(line.split()) < min_words_per_line:
+        if "lorem ipsum" in low:
+            return None, "lorem_ipsum"
+        if "javascript" in low:
+            drop_line("javascript")
             continue
-        if "javascript" in low or any(p in low for p in POLICY_PHRASES):
+        if "{" in line:
+            return None, "curly_bracket"
+        if any(p in low for p in POLICY_PHRASES):
+            drop_line("policy")
             continue
+        if bad_words is not None and bad_words.search(low):
+            return None, "bad_words"
+        sentences += count_sentences(line)
         kept.append(line)
-    page = "\n".join(kept)
-    if count_sentences(page) < min_sentences:
+    if sentences < min_sentences:
         return None, "too_few_sentences"
-    return page, None
+    return "\n".join(kept).strip(), None
 
 
 class C4QualityFilter(PipelineStep):
     name = "c4 heuristics"
     type = "🔻 - FILTER"
 
-    def __init__(self, min_words_per_line: int, min_sentences: int, bad_words_file: str | None):
+    def __init__(self, min_words_per_line: int, min_sentences: int, bad_words_file: str | None,
+                 max_word_length: int = 1000):
         super().__init__()
         self.min_words_per_line, self.min_sentences = min_words_per_line, min_sentences
-        self.bad_words = load_bad_words(bad_words_file)
+        self.max_word_length = max_word_length
+        self.bad_words = bad_words_pattern(load_bad_words(bad_words_file))
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         for doc in data:
             self.stat_update("total")
-            page, reason = c4_clean(doc.text, self.min_words_per_line, self.min_sentences, self.bad_words)
+            lines: dict[str, int] = {}
+            page, reason = c4_clean(doc.text, self.min_words_per_line, self.min_sentences, self.bad_words,
+                                    self.max_word_length, lines)
+            for rule, n in lines.items():
+                self.stat_update(f"lines_dropped_{rule}", value=n)
             if page is None:
                 self.stat_update(f"dropped_{reason}")
                 continue

@@ -6,6 +6,7 @@ waiting for it in a collective."""
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing
 import os
 import threading
 import time
@@ -50,4 +51,8 @@ class HangWatchdog:
                                                  "step": self.step + 1, "stacks": str(stacks)})
             print(f"[stability] rank {self.rank} ({host}): hang, no progress for {idle:.0f} s; stacks in {stacks}; "
                   f"exiting for a requeue", flush=True)
+            # os._exit skips the cleanup that would end megatron's checkpoint-writer manager (and its
+            # resource tracker); left alive they keep the task's output open after the rank is gone.
+            for child in multiprocessing.active_children():
+                child.kill()
             os._exit(EXIT_REQUEUE)
