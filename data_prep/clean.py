@@ -120,26 +120,46 @@ def build_stages(cfg) -> list[Stage]:
 
         steps = [ArxivReader(cfg.input), CleanLatex()]
     elif s == "commoncrawl":
-        from data_prep.sources.commoncrawl import LineDedup, ReferenceClassifierFilter, WebPageReader
-        from data_prep.sources.common import LanguageFilter
-
-        c = cfg.commoncrawl
-        steps = [WebPageReader(cfg.input), LineDedup(),
-                 LanguageFilter(cfg.language_id_model, list(c.languages), c.min_language_score)]
-        if c.kenlm_model:
-            from data_prep.sources.perplexity import PerplexityFilter
-
-            steps.append(PerplexityFilter(c.kenlm_model, c.kenlm_tokenizer, list(c.perplexity_cutoffs),
-                                          list(c.keep_buckets)))
-        model = reference_classifier(cfg)
-        if model is not None:
-            steps.append(ReferenceClassifierFilter(str(model), c.min_reference_score))
+        return commoncrawl_stages(cfg)
     else:
         raise RecipeError(f"source: {s!r} is not one of {', '.join(SOURCES)}")
-    single = [type(step).__name__ for step in steps if getattr(step, "single_task", False)]
-    if single and cfg.tasks != 1:
-        raise RecipeError(f"tasks: {cfg.tasks}, but {', '.join(single)} must see the whole corpus (tasks=1)")
     return [Stage("clean", [*steps, AtomicJsonlWriter(cfg.output)], cfg.tasks)]
+
+
+def commoncrawl_stages(cfg) -> list[Stage]:
+    """CommonCrawl, CCNet's order: line dedup over the whole run (all tasks), then language id, the
+    KenLM filter and the reference classifier.
+
+    1. pages: reader; the pages go to <work>/pages/<task>.jsonl, their line hashes and counts to
+       <work>/line_hashes/<task>.npz;
+    2. find_duplicates: one task sums the counts; hashes seen more than once -> <work>/duplicates.npy;
+    3. filter: each task reads its pages back, removes those lines (every copy), drops short pages,
+       then language id, perplexity buckets, the classifier.
+    """
+    from data_prep.sources.common import LanguageFilter, TaskShardReader
+    from data_prep.sources.commoncrawl import (FindDuplicateLines, LineHashes, ReferenceClassifierFilter,
+                                               RemoveDuplicateLines, WebPageReader)
+
+    c, work = cfg.commoncrawl, Path(cfg.output) / STAGED_WORK
+    if c.min_doc_chars < 0:
+        raise RecipeError(f"commoncrawl.min_doc_chars: must be >= 0, got {c.min_doc_chars}")
+    steps = [TaskShardReader(str(work / "pages")),
+             RemoveDuplicateLines(str(work / "duplicates.npy"), c.min_doc_chars),
+             LanguageFilter(cfg.language_id_model, list(c.languages), c.min_language_score)]
+    if c.kenlm_model:
+        from data_prep.sources.perplexity import PerplexityFilter
+
+        steps.append(PerplexityFilter(c.kenlm_model, c.kenlm_tokenizer, list(c.perplexity_cutoffs),
+                                      list(c.keep_buckets)))
+    model = reference_classifier(cfg)
+    if model is not None:
+        steps.append(ReferenceClassifierFilter(str(model), c.min_reference_score))
+    return [
+        Stage("pages", [WebPageReader(cfg.input), AtomicJsonlWriter(str(work / "pages")),
+                        LineHashes(str(work / "line_hashes"))], cfg.tasks),
+        Stage("find_duplicates", [FindDuplicateLines(str(work / "line_hashes"), str(work / "duplicates.npy"))], 1),
+        Stage("filter", [*steps, AtomicJsonlWriter(cfg.output)], cfg.tasks),
+    ]
 
 
 def github_stages(cfg) -> list[Stage]:

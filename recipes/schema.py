@@ -271,6 +271,7 @@ class C4CleanConfig:
 class CommonCrawlCleanConfig:
     languages: List[str] = field(default_factory=lambda: ["en"])  # LLaMA kept English
     min_language_score: float = 0.5  # CCNet's threshold
+    min_doc_chars: int = 300  # CCNet: pages shorter than this after line dedup are dropped
     # The "referenced by Wikipedia" classifier: a trained fastText model, or JSONL samples to
     # train one from (pages Wikipedia cites / random pages). Neither: the step is left out.
     reference_classifier: Optional[str] = None

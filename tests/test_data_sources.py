@@ -497,30 +497,46 @@ def test_commoncrawl_line_dedup_language_and_reference_classifier(tmp_path):
     crawl.mkdir()
     boiler = "Home | News | Contact us\nCopyright 2020 Example Media Inc."
     story1 = ("The city council approved the new library budget on Tuesday after a long debate about "
-              "opening hours, staffing and the cost of repairing the roof of the old building.")
+              "opening hours, staffing and the cost of repairing the roof of the old building. The vote "
+              "was seven to two, and the work on the roof is to start in the spring of next year. The "
+              "library will stay open during the work, with shorter hours on the weekends.")
     story2 = ("Scientists at the university published a study showing that the lake's water quality "
-              "improved steadily over the last decade, thanks to new rules on farm runoff.")
+              "improved steadily over the last decade, thanks to new rules on farm runoff. The team "
+              "sampled the water every month at twelve places along the shore and in the middle. Fish "
+              "counts rose as well, and two species not seen for years came back to the northern bay.")
+    story3 = "A short note about the weather, which stays mild this week."
     german = ("Der Stadtrat hat am Dienstag nach langer Debatte den neuen Haushalt für die Bibliothek "
-              "beschlossen, einschließlich der Reparatur des alten Daches.")
+              "beschlossen, einschließlich der Reparatur des alten Daches. Die Arbeiten sollen im "
+              "Frühjahr beginnen und bis zum Herbst des kommenden Jahres abgeschlossen sein.")
     (crawl / "CC-MAIN-0001.warc.wet").write_bytes(_wet([
         ("http://a.example/1", f"{boiler}\n{story1}"),
         ("http://a.example/2", f"Home | News | Contact Us!\n{story2}\nCopyright 2021 Example Media Inc."),
         ("http://b.example/de", german),
-        ("http://a.example/dup", f"{boiler}\n{story1.upper()}")]))
+        ("http://a.example/3", f"{boiler}\n{story3}")]))
+    (crawl / "CC-MAIN-0002.warc.wet").write_bytes(_wet([("http://c.example/copy", f"{story1.upper()}\n{boiler}")]))
     for name in ("mozilla.org.firefox.developer.html", "utf8.html"):
         (crawl / name).write_bytes((web / name).read_bytes())
     lid = samples.language_id_model()
     report, docs = clean(tmp_path, "source=commoncrawl", f"input={crawl}", f"language_id_model={lid}")
     texts = {d["url"]: d["text"] for d in docs}
-    assert texts["http://a.example/1"] == f"{boiler}\n{story1}"
-    assert texts["http://a.example/2"] == story2  # its boilerplate lines were seen in page 1
-    assert "http://a.example/dup" not in texts  # every line a duplicate (case/punctuation aside)
+    # CCNet: every copy of a repeated line goes (case, digits and punctuation aside), in every page.
+    assert texts["http://a.example/2"] == story2
+    assert "http://a.example/1" not in texts and "http://c.example/copy" not in texts  # story1 is in both
+    assert "http://a.example/3" not in texts and "utf8.html" not in texts  # under 300 characters left
     assert "http://b.example/de" not in texts
-    assert step_stats(report, "line dedup")["dropped_empty_after_dedup"] == 1
+    dedup = step_stats(report, "line dedup")
+    assert (dedup["dropped_empty_after_dedup"], dedup["dropped_too_short"]) == (2, 2)
     assert step_stats(report, "language id")["dropped_language"] >= 1
     assert "mozilla.org.firefox.developer.html" in texts
-    with pytest.raises(RecipeError, match="tasks: 2, but LineDedup must see the whole corpus"):
-        clean(tmp_path, "source=commoncrawl", f"input={crawl}", f"language_id_model={lid}", "tasks=2", name="t2")
+    assert report["filters_not_applied"] == [
+        "commoncrawl perplexity filter (CCNet's KenLM): commoncrawl.kenlm_model is not set",
+        "commoncrawl 'referenced by Wikipedia' classifier: commoncrawl.reference_classifier "
+        "(or reference_positives and reference_negatives) is not set"]
+    # The dedup spans every task: three tasks (one input file each) give the same pages.
+    _, docs3 = clean(tmp_path, "source=commoncrawl", f"input={crawl}", f"language_id_model={lid}", "tasks=3",
+                     name="t3")
+    assert {d["url"]: d["text"] for d in docs3} == texts
+    assert len(list((tmp_path / "t3").glob("*.jsonl"))) > 1
 
     # The reference classifier, trained from user samples: Wikipedia articles vs junk pages.
     dumps = samples.wikipedia_dumps()

@@ -2,9 +2,11 @@
 
 1. text from WET files (CommonCrawl's extracted text) or saved HTML pages (scripts, styles,
    navigation and forms dropped);
-2. line-level dedup over the shard set: each line normalized (lowercase, digits -> 0, accents and
-   punctuation removed, spaces collapsed) and hashed; a line whose hash was seen before in the set
-   is removed, documents left empty are dropped;
+2. line-level dedup over the shard group (every task of the run), in three stages (hashes per
+   task, one merge, removal per task): each line normalized (lowercase, digits -> 0, accents and
+   punctuation removed, spaces collapsed) and hashed; every copy of a line whose hash occurs more
+   than once is removed, so boilerplate disappears from every page, and pages left with fewer than
+   300 characters are dropped (CCNet's rules);
 3. fastText language id, English kept above a score threshold (data_prep/sources/common.py);
 4. the n-gram LM filter: KenLM perplexity buckets, when a model is given (perplexity.py);
 5. the "referenced by Wikipedia" classifier: a linear fastText model trained on pages cited as
@@ -138,33 +140,95 @@ class WebPageReader(PipelineStep):
                 yield Document(text=text, id=f"{path.name}/{i}", metadata={"source": "commoncrawl", "url": url})
 
 
-class LineDedup(PipelineStep):
-    """Removes lines whose normalized hash was seen earlier in the shard set (this task's
-    documents: run with tasks=1 over one shard group, as CCNet groups shards)."""
+def _line_hashes(text: str) -> list[int]:
+    """64-bit hashes of the page's normalized non-empty lines, in order."""
+    return [int.from_bytes(line_hash(line), "little") for line in text.split("\n") if normalize_line(line)]
+
+
+class LineHashes(PipelineStep):
+    """Dedup stage 1 (every task): each normalized line's hash, with how often this task saw it, to
+    <folder>/<rank>.npz. The documents pass on unchanged."""
+
+    name = "line hashes"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = Path(folder)
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        import numpy as np
+
+        hashes = []
+        for doc in data:
+            hashes.extend(_line_hashes(doc.text))
+            yield doc
+        unique, counts = np.unique(np.array(hashes, dtype=np.uint64), return_counts=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"{rank:05d}.tmp.npz"
+        np.savez(tmp, hashes=unique, counts=counts)
+        tmp.replace(self.folder / f"{rank:05d}.npz")
+        self.stat_update("lines", value=len(hashes))
+
+
+class FindDuplicateLines(PipelineStep):
+    """Dedup stage 2 (one task): the hashes seen more than once over every task of the group."""
+
+    name = "find duplicate lines"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, hashes_folder: str, out_file: str):
+        super().__init__()
+        self.hashes_folder, self.out_file = Path(hashes_folder), Path(out_file)
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import numpy as np
+
+        parts = [np.load(p) for p in sorted(self.hashes_folder.glob("*.npz")) if not p.name.endswith(".tmp.npz")]
+        hashes = np.concatenate([p["hashes"] for p in parts]) if parts else np.zeros(0, np.uint64)
+        counts = np.concatenate([p["counts"] for p in parts]) if parts else np.zeros(0, np.int64)
+        order = np.argsort(hashes, kind="stable")
+        hashes, counts = hashes[order], counts[order]
+        unique, start = np.unique(hashes, return_index=True)
+        totals = np.add.reduceat(counts, start) if len(hashes) else counts
+        duplicates = unique[totals > 1]
+        tmp = self.out_file.with_name(self.out_file.name + ".tmp.npy")
+        np.save(tmp, duplicates)
+        tmp.replace(self.out_file)
+        self.stat_update("distinct_lines", value=len(unique))
+        self.stat_update("duplicated_lines", value=len(duplicates))
+        return iter(())
+
+
+class RemoveDuplicateLines(PipelineStep):
+    """Dedup stage 3 (every task): every line whose hash stage 2 found more than once goes, in every
+    page that has it (CCNet: boilerplate disappears); a page left under `min_chars` characters is
+    dropped (CCNet's 300)."""
 
     name = "line dedup"
     type = "🫂 - DEDUP"
-    single_task = True
+
+    def __init__(self, duplicates_file: str, min_chars: int):
+        super().__init__()
+        self.duplicates_file, self.min_chars = duplicates_file, min_chars
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        seen: set[bytes] = set()
+        import numpy as np
+
+        duplicates = np.load(self.duplicates_file)
         for doc in data:
             self.stat_update("total")
-            kept = []
-            for line in doc.text.split("\n"):
-                if not normalize_line(line):
-                    continue
-                h = line_hash(line)
-                if h in seen:
-                    self.stat_update("lines_removed")
-                    continue
-                seen.add(h)
-                kept.append(line)
-            if not kept:
-                self.stat_update("dropped_empty_after_dedup")
+            lines = [line for line in doc.text.split("\n") if normalize_line(line)]
+            hashes = np.array([int.from_bytes(line_hash(line), "little") for line in lines], dtype=np.uint64)
+            repeated = np.isin(hashes, duplicates)
+            kept = [line for line, dup in zip(lines, repeated) if not dup]
+            self.stat_update("lines_removed", value=int(repeated.sum()))
+            text = "\n".join(kept)
+            if len(text) < self.min_chars:
+                self.stat_update("dropped_empty_after_dedup" if not kept else "dropped_too_short")
                 continue
-            self.stat_update("chars_removed", value=len(doc.text) - len("\n".join(kept)))
-            doc.text = "\n".join(kept)
+            self.stat_update("chars_removed", value=len(doc.text) - len(text))
+            doc.text = text
             self.stat_update("forwarded")
             yield doc
 
