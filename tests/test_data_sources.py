@@ -155,6 +155,27 @@ def test_arxiv_on_latex_sample2e(tmp_path):
     assert next(d for d in docs if d["id"] == "sample2e.tex")["text"] == text
 
 
+def test_arxiv_paper_is_its_main_file_with_the_included_files_inlined(tmp_path):
+    """A multi-file paper: \\input (with and without .tex, nested, paths from the main file's folder),
+    \\include; a commented-out \\input, a missing file and a path outside the input stay out."""
+    paper = tmp_path / "papers" / "2301.00001"
+    (paper / "sections").mkdir(parents=True)
+    (tmp_path / "secret.tex").write_text("\\section{Outside}\nNot part of any paper.\n")
+    (paper / "main.tex").write_text(
+        "\\documentclass{article}\n\\begin{document}\n\\input{intro}\n"
+        "% \\input{sections/old}\n\\include{sections/method}\n\\input{nowhere}\n\\input{../../secret}\n"
+        "\\end{document}\n")
+    (paper / "intro.tex").write_text("\\section{Introduction}\nWe study rivers. % a comment\n")
+    (paper / "sections" / "method.tex").write_text("\\section{Method}\nWe measure them.\n\\input sections/table.tex\n")
+    (paper / "sections" / "table.tex").write_text("A table of depths.\n")
+    (paper / "sections" / "old.tex").write_text("\\section{Old}\nDropped text.\n")
+    report, docs = clean(tmp_path, "source=arxiv", f"input={tmp_path / 'papers'}")
+    assert [d["id"] for d in docs] == ["2301.00001/main.tex"]
+    assert docs[0]["text"] == ("\\section{Introduction}\nWe study rivers.\n\n\\section{Method}\nWe measure them.\n"
+                               "A table of depths.\n\n\\input{nowhere}\n\\input{../../secret}\n")
+    assert step_stats(report, "arxiv reader")["inputs_missing"] == 2
+
+
 # ------------------------------------------------------------------------------------- Books
 
 

@@ -1,6 +1,10 @@
 """ArXiv: LaTeX sources cleaned as LLaMA did (following Lewkowycz et al. 2022): everything before
 the first section and the bibliography removed, comments removed, user-defined macros
 (`\\newcommand`, `\\renewcommand`, `\\def`, with and without arguments) expanded inline.
+
+A paper is its main file (the one with `\\documentclass`) with every `\\input`, `\\include` and
+`\\subfile` of a file in the input folder inlined, recursively, as LaTeX would read them (RedPajama
+concatenated a paper's files; the sections of multi-file papers live in the included ones).
 """
 
 from __future__ import annotations
@@ -153,8 +157,34 @@ def read_paper(path: Path) -> str:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
 
 
+_INPUT = re.compile(r"\\(?:input|include|subfile)(?![A-Za-z@])\s*(?:\{([^{}]*)\}|([^\s{}\\%]+))")
+MAX_INPUT_DEPTH = 10
+
+
+def inline_inputs(text: str, base: Path, root: Path, missing: list[str], depth: int = 0) -> str:
+    """`text` (a file in folder `base`) with comments removed and each \\input{name} /
+    \\include{name} / \\subfile{name} replaced by that file (name or name.tex, relative to `base`,
+    inside `root` only), recursively; names that resolve to nothing stay and go to `missing`."""
+    text = remove_comments(text)  # a commented-out \\input is not read
+
+    def replace(m: re.Match) -> str:
+        name = (m.group(1) or m.group(2)).strip()
+        for candidate in (base / name, base / f"{name}.tex"):
+            try:
+                path = candidate.resolve()
+            except OSError:
+                continue
+            if path.is_file() and path.is_relative_to(root) and depth < MAX_INPUT_DEPTH:
+                return inline_inputs(read_paper(path), base, root, missing, depth + 1)
+        missing.append(name)
+        return m.group(0)
+
+    return _INPUT.sub(replace, text)
+
+
 class ArxivReader(PipelineStep):
-    """One document per .tex file that has a \\documentclass (the main file of a paper)."""
+    """One document per .tex file that has a \\documentclass (the main file of a paper), with the
+    files it includes inlined."""
 
     name = "arxiv reader"
     type = "📖 - READER"
@@ -169,7 +199,10 @@ class ArxivReader(PipelineStep):
             raise InputError(f"{self.input_dir}: no .tex files")
         for path in files[rank::world_size]:
             text = read_paper(path)
-            if "\\documentclass" in text:
+            if "\\documentclass" in remove_comments(text):
+                missing: list[str] = []
+                text = inline_inputs(text, path.parent, self.input_dir.resolve(), missing)
+                self.stat_update("inputs_missing", value=len(missing))
                 yield Document(text=text, id=str(path.relative_to(self.input_dir)), metadata={"source": "arxiv"})
 
 
