@@ -15,6 +15,7 @@ which rule, out; and `filters_not_applied`, the source's optional filters this c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -247,7 +248,12 @@ def reference_classifier(cfg) -> Path | None:
     if not (c.reference_positives and c.reference_negatives):
         return None
     out = Path(cfg.output) / "reference_classifier.bin"
-    if not out.is_file():
+    # Trained once per set of samples: the samples' hash sits beside the model; other samples retrain.
+    stamp = out.with_suffix(".samples.sha1")
+    digest = hashlib.sha1()
+    for sample in (c.reference_positives, c.reference_negatives):
+        digest.update(Path(sample).read_bytes() + b"\0")
+    if not out.is_file() or not stamp.is_file() or stamp.read_text().strip() != digest.hexdigest():
         from data_prep.sources.commoncrawl import train_reference_classifier
 
         def texts(path):
@@ -255,6 +261,7 @@ def reference_classifier(cfg) -> Path | None:
                 return [json.loads(line)["text"] for line in f if line.strip()]
 
         train_reference_classifier(texts(c.reference_positives), texts(c.reference_negatives), out)
+        stamp.write_text(digest.hexdigest() + "\n")
     return out
 
 
@@ -282,6 +289,10 @@ def load_config(overrides: list[str]):
             raise RecipeError(f"language_id_model: {cfg.language_id_model} does not exist")
     if cfg.source == "commoncrawl":
         check_perplexity_filter(cfg.commoncrawl)
+        for key in ("reference_classifier", "reference_positives", "reference_negatives"):
+            value = cfg.commoncrawl[key]
+            if value and not Path(value).is_file():
+                raise RecipeError(f"commoncrawl.{key}: {value} does not exist")
     if not Path(cfg.input).exists():
         raise RecipeError(f"input: {cfg.input} does not exist")
     return cfg

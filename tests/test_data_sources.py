@@ -583,6 +583,20 @@ def test_commoncrawl_line_dedup_language_and_reference_classifier(tmp_path):
     assert all(s >= 0.5 for s in wiki_scores) and sum(s < 0.5 for s in junk_scores) >= 3, (wiki_scores, junk_scores)
     stats = step_stats(report, "wikipedia reference classifier")
     assert stats["total"] == len(texts) and all(d["reference_score"] >= 0.5 for d in docs)
+    # Other samples, same output folder: the classifier is trained again, not reused.
+    from data_prep.clean import reference_classifier
+
+    model = tmp_path / "with_classifier" / "reference_classifier.bin"
+    before = (model.read_bytes(), model.with_suffix(".samples.sha1").read_text())
+    (tmp_path / "neg.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in junk_pages[:-6]))
+    overrides = ["source=commoncrawl", f"input={crawl}", f"language_id_model={lid}",
+                 f"commoncrawl.reference_positives={tmp_path / 'pos.jsonl'}",
+                 f"commoncrawl.reference_negatives={tmp_path / 'neg.jsonl'}", f"output={tmp_path / 'with_classifier'}"]
+    reference_classifier(load_config(overrides))
+    after = (model.read_bytes(), model.with_suffix(".samples.sha1").read_text())
+    assert after[0] != before[0] and after[1] != before[1]
+    with pytest.raises(RecipeError, match=r"commoncrawl.reference_negatives: /nonexistent.jsonl does not exist"):
+        load_config([*overrides[:-2], "commoncrawl.reference_negatives=/nonexistent.jsonl", overrides[-1]])
 
 
 def _bigram_arpa(lines: list[str], path: Path) -> tuple[dict, dict, dict]:
