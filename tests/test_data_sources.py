@@ -208,8 +208,10 @@ def books_dir(tmp_path) -> Path:
 
 def test_books_gutenberg_header_and_near_duplicates(books_dir, tmp_path):
     books, book = books_dir, (books_dir / "a_botchan.txt").read_text()
+    (books / "d_latin1.txt").write_bytes("Un livre en Latin-1: déjà vu.\n".encode("latin-1"))
     report, docs = clean(tmp_path, "source=books", f"input={books}")
     assert [d["id"] for d in docs] == ["a_botchan.txt", "c_partial.txt"]
+    assert step_stats(report, "books reader")["skipped_not_utf8"] == 1  # one bad book does not stop the run
     assert step_stats(report, "book near-duplicates")["dropped_near_duplicate"] == 1
     kept = docs[0]["text"]
     assert "Project Gutenberg" not in kept and "START OF" not in kept
@@ -445,6 +447,41 @@ def test_c4_line_and_page_rules(tmp_path):
     (pages / "part1.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     with pytest.raises(InputError, match=re.escape(f"{pages / 'part1.jsonl'}:2: not a JSON object with a 'text' field")):
         clean(tmp_path, "source=c4", f"input={pages}", f"language_id_model={lid}", name="bad")
+
+
+def test_jsonl_reader_names_and_shapes_of_bad_input(tmp_path):
+    """allenai/c4's *.json.gz and .zst shards are read; a gzip corrupted mid-stream, a non-string
+    "text" name the file and line; a line that is not UTF-8 is one document, skipped and counted."""
+    import gzip as gz
+
+    import zstandard
+
+    from data_prep.sources import InputError
+    from data_prep.sources.common import JsonlDocumentsReader
+
+    def read(folder):
+        reader = JsonlDocumentsReader(str(folder), "c4")
+        return [d.text for d in reader.run()], reader.stats
+
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    rows = [json.dumps({"text": f"page {i}"}).encode() + b"\n" for i in range(3)]
+    (ok / "c4-train.00000-of-01024.json.gz").write_bytes(gz.compress(rows[0] + b"\xff\xfe not utf-8\n" + rows[1]))
+    (ok / "part.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(rows[2]))
+    texts, stats = read(ok)
+    assert texts == ["page 0", "page 1", "page 2"] and stats["skipped_not_utf8"].total == 1
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    data = gz.compress(b"".join(rows * 2000), mtime=0)
+    (corrupt / "a.jsonl.gz").write_bytes(data[:len(data) // 2] + bytes(64) + data[len(data) // 2 + 64:])
+    with pytest.raises(InputError, match=r"a\.jsonl\.gz:\d+: not a readable gz archive"):
+        read(corrupt)
+    number = tmp_path / "number"
+    number.mkdir()
+    (number / "a.jsonl").write_bytes(rows[0] + b'{"text": 5}\n')
+    with pytest.raises(InputError, match=r"a\.jsonl:2: 'text' is a int, not a string"):
+        read(number)
 
 
 def test_c4_three_sentence_span_dedup_across_tasks(tmp_path):

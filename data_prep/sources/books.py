@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from datatrove.data import Document
+from datatrove.utils.logging import logger
 from datatrove.pipeline.base import PipelineStep
 
 from data_prep.corpus import strip_gutenberg
@@ -200,7 +201,9 @@ class BooksReader(PipelineStep):
         for path in files[rank::world_size]:
             try:
                 text = path.read_bytes().decode("utf-8-sig")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except UnicodeDecodeError as e:  # one unreadable book is skipped, counted and named
+                self.stat_update("skipped_not_utf8")
+                logger.warning(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); skipped")
+                continue
             yield Document(text=text.replace("\r\n", "\n"), id=str(path.relative_to(self.input_dir)),
                            metadata={"source": "books"})

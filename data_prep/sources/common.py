@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -13,9 +12,36 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from data_prep.sources import InputError
 
 
+# allenai/c4 names its shards c4-train.00000-of-01024.json.gz
+JSONL_NAMES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
+
+
+def jsonl_lines(path: Path):
+    """(line number, raw bytes) of a plain, .gz or .zst JSONL file; an unreadable file or archive
+    raises InputError naming the file and the line where reading stopped."""
+    from data_prep.tokenize_parallel import COMPRESSED, Shard, _compressed_lines
+
+    line_no = 0
+    try:
+        if str(path).endswith(COMPRESSED):
+            for line_no, line in _compressed_lines(Shard(0, str(path), 0, -1)):
+                yield line_no, line
+        else:
+            with open(path, "rb") as f:
+                for line_no, line in enumerate(f, 1):
+                    yield line_no, line
+    except InputError as e:
+        raise InputError(f"{path}:{line_no + 1}: {str(e).removeprefix(f'{path}: ')}") from None
+    except OSError as e:
+        raise InputError(f"{path}:{line_no + 1}: unreadable ({e.strerror or e})") from None
+
+
 class JsonlDocumentsReader(PipelineStep):
-    """{"text": ..., optional "id", "url"} per line of *.jsonl / *.jsonl.gz files under a folder;
-    task `rank` of `world_size` reads every world_size-th file."""
+    """{"text": ..., optional "id", "url"} per line of JSONL files (plain, .gz, .zst; also *.json.gz
+    as allenai/c4 ships them) under a folder; task `rank` of `world_size` reads every world_size-th
+    file. A line that is not UTF-8 is one unreadable document: skipped and counted
+    (`skipped_not_utf8`); a line that is not a JSON object with a string "text" stops the run,
+    naming file and line."""
 
     name = "jsonl reader"
     type = "📖 - READER"
@@ -25,24 +51,28 @@ class JsonlDocumentsReader(PipelineStep):
         self.input_dir, self.source = Path(input_dir), source
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        files = sorted(p for p in self.input_dir.rglob("*") if p.name.endswith((".jsonl", ".jsonl.gz")))
+        files = sorted(p for p in self.input_dir.rglob("*") if p.name.endswith(JSONL_NAMES))
         if not files:
-            raise InputError(f"{self.input_dir}: no .jsonl or .jsonl.gz files")
+            raise InputError(f"{self.input_dir}: no {', '.join(JSONL_NAMES)} files")
         for path in files[rank::world_size]:
-            opener = gzip.open if path.suffix == ".gz" else open
-            try:
-                with opener(path, "rt", encoding="utf-8") as f:
-                    for line_no, line in enumerate(f, 1):
-                        try:
-                            record = json.loads(line)
-                            text = record["text"]
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            raise InputError(f"{path}:{line_no}: not a JSON object with a 'text' field") from None
-                        self.stat_update("documents")
-                        yield Document(text=text, id=str(record.get("id", f"{path.name}/{line_no}")),
-                                       metadata={"source": self.source, **({"url": record["url"]} if "url" in record else {})})
-            except (OSError, EOFError, UnicodeDecodeError) as e:
-                raise InputError(f"{path}: unreadable ({e})") from None
+            for line_no, raw in jsonl_lines(path):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.stat_update("skipped_not_utf8")
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InputError(f"{path}:{line_no}: not a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise InputError(f"{path}:{line_no}: 'text' is a {type(text).__name__}, not a string")
+                self.stat_update("documents")
+                yield Document(text=text, id=str(record.get("id", f"{path.name}/{line_no}")),
+                               metadata={"source": self.source, **({"url": record["url"]} if "url" in record else {})})
 
 
 class LanguageFilter(BaseFilter):
