@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -320,6 +321,55 @@ def check_perplexity_filter(c) -> None:
                           f"{', '.join(BUCKETS)}")
 
 
+RUN_RECORD = "clean_config.json"
+
+
+def _flat(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(f"{prefix}.{key}" if prefix else key, sub).items()}
+    return {prefix: value}
+
+
+def output_defining(cfg) -> dict:
+    """The fields that decide a run's output (dotted names): the source, its input, the task
+    count (documents are sharded by task) and the source's own rules."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    keep = {"source": c["source"], "input": str(Path(c["input"]).resolve()), "tasks": c["tasks"],
+            cfg.source: c.get(cfg.source, {})}
+    if cfg.source in ("c4", "commoncrawl"):
+        keep["language_id_model"] = c["language_id_model"]
+    return _flat("", keep)
+
+
+def check_rerun(cfg) -> None:
+    """A rerun into an existing output must be the same run (it skips the tasks that finished):
+    another config or task count is refused, naming the first field that differs. overwrite=true
+    deletes the output (and the logs with their completion markers) and starts again.
+    The defining fields go to <output>/clean_config.json."""
+    output = Path(cfg.output)
+    logging_dir = Path(cfg.logging_dir) if cfg.logging_dir else None
+    record, current = output / RUN_RECORD, output_defining(cfg)
+    if cfg.overwrite:
+        for folder in (output, logging_dir):
+            if folder is not None and folder.is_dir():
+                shutil.rmtree(folder)
+    elif record.is_file():
+        previous = json.loads(record.read_text())
+        changed = [k for k in sorted(set(previous) | set(current)) if previous.get(k) != current.get(k)]
+        if not changed:
+            return
+        k = changed[0]
+        raise RecipeError(f"{k}: {output} was cleaned with {k}={previous.get(k)!r}, this run has "
+                          f"{current.get(k)!r}; use another output, or overwrite=true to clean it again")
+    elif output.is_dir() and any(output.iterdir()):
+        raise RecipeError(f"output: {output} is not empty and has no {RUN_RECORD} (not made by `clean`); "
+                          "use another output, or overwrite=true")
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / f"{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps(current, indent=2) + "\n")
+    os.replace(tmp, record)
+
+
 def unapplied_filters(cfg) -> list[str]:
     """The source's optional filters this config leaves out: named in the report and on stderr."""
     out = []
@@ -337,6 +387,7 @@ def unapplied_filters(cfg) -> list[str]:
 
 def run(cfg) -> dict:
     """Run (or finish) the pipeline; returns the report (also written to clean_report.json)."""
+    check_rerun(cfg)
     not_applied = unapplied_filters(cfg)
     for what in not_applied:
         print(f"warning: not applied: {what}", file=sys.stderr)

@@ -294,7 +294,7 @@ class CleanConfig:
     source: str = MISSING  # stackexchange | github | wikipedia | books | arxiv | c4 | commoncrawl
     input: str = MISSING  # the source's raw files (see data_prep/README.md for each layout)
     output: str = MISSING  # cleaned JSONL shards: <output>/<task>.jsonl
-    tasks: int = 1  # datatrove tasks (input shards); dedup steps need 1
+    tasks: int = 1  # datatrove tasks (input shards)
     workers: int = 1  # tasks run at once (local executor)
     executor: str = "local"  # local | slurm
     logging_dir: Optional[str] = None  # datatrove's logs, completions, stats; None: <output>/.logs
@@ -304,6 +304,9 @@ class CleanConfig:
     slurm_mem_per_cpu_gb: int = 2
     slurm_venv: Optional[str] = None  # activated in the jobs; None: the venv this command runs in
     slurm_wait: bool = False  # wait for the job and write the report (else: submit and return)
+    # A rerun into an existing output must be the same run (source, input, tasks, the source's
+    # rules; <output>/clean_config.json): else refused. true: delete the output and start again.
+    overwrite: bool = False
     stackexchange: StackExchangeCleanConfig = field(default_factory=StackExchangeCleanConfig)
     github: GithubCleanConfig = field(default_factory=GithubCleanConfig)
     wikipedia: WikipediaCleanConfig = field(default_factory=WikipediaCleanConfig)

@@ -176,6 +176,31 @@ def test_arxiv_paper_is_its_main_file_with_the_included_files_inlined(tmp_path):
     assert step_stats(report, "arxiv reader")["inputs_missing"] == 2
 
 
+def test_a_rerun_into_an_output_is_the_same_run_or_refused(tmp_path):
+    """A rerun skips the tasks that finished, so it must be the same run: another task count or
+    input is refused naming the field, a foreign folder too; overwrite=true starts again."""
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    for i in range(3):
+        (papers / f"p{i}.tex").write_text(f"\\documentclass{{article}}\n\\section{{S{i}}}\nText {i}.\n")
+    _, docs = clean(tmp_path, "source=arxiv", f"input={papers}")
+    _, again = clean(tmp_path, "source=arxiv", f"input={papers}", "workers=2")  # same run: nothing redone
+    assert again == docs and len(docs) == 3
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    with pytest.raises(RecipeError, match=r"^tasks: .*out was cleaned with tasks=1, this run has 2; use another output"):
+        clean(tmp_path, "source=arxiv", f"input={papers}", "tasks=2")
+    with pytest.raises(RecipeError, match=r"^input: "):
+        clean(tmp_path, "source=arxiv", f"input={tmp_path}")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before  # untouched
+    _, docs2 = clean(tmp_path, "source=arxiv", f"input={papers}", "tasks=2", "overwrite=true")
+    assert sorted(d["text"] for d in docs2) == sorted(d["text"] for d in docs)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jsonl")) == ["00000.jsonl", "00001.jsonl"]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match=r"^output: .*foreign is not empty and has no clean_config.json"):
+        clean(tmp_path, "source=arxiv", f"input={papers}", name="foreign")
+
+
 # ------------------------------------------------------------------------------------- Books
 
 
