@@ -118,10 +118,13 @@ def metrics(run_dir):
 
 
 def lr_closed_form(step, peak, total, warmup_ratio):
-    warm = math.ceil(total * warmup_ratio)
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+    """Hugging Face's cosine schedule (what Alpaca trained with; warm-up steps = ceil(ratio x total)
+    as its TrainingArguments counts them), evaluated by transformers itself."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(total * warmup_ratio), total)
+    return peak * sched.lr_lambdas[0](step)
 
 
 def reference_run(base, tokenizer, data_file, fmt, max_length, steps, lr, lora=None, seed=42, global_batch=4,
@@ -177,7 +180,7 @@ def full_reference(ft_env):
     return reference_run(ft_env["base"], ft_env["tokenizer"], ALPACA, "alpaca", 256, STEPS, lr=1e-3)
 
 
-LORA_CLIP = 0.25  # the adapters' gradient norm is 0.17-0.4 here: clipping active on most steps
+LORA_CLIP = 0.2  # the adapters' gradient norm is 0.16-0.37 here: clipping active on most steps
 LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
@@ -288,7 +291,7 @@ def test_lora_matches_plain_peft(ds_runs, lora_reference, case):
     _, ref_losses, ref_norms = lora_reference
     rows = metrics(ds_runs[case])
     diffs = [abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)]
-    print(f"{case}: max |loss - plain peft| over {STEPS} steps = {max(diffs):.3e}")
+    print(f"{case}: max |loss - plain peft| over {STEPS} steps = {max(diffs):.3e}; grad norms {[round(n, 3) for n in ref_norms]}")
     assert len(rows) == STEPS and max(diffs) <= LOSS_TOL, diffs
     engine = json.loads((ds_runs[case] / "run_state.json").read_text())["engine"]
     assert engine["zero_stage"] == int(case[-1])
@@ -414,17 +417,57 @@ def test_alpaca_labels_cover_exactly_the_response(sp_and_tok):
               f"### Instruction:\n{raw['instruction']}\n\n### Input:\n{raw['input']}\n\n### Response:")
     assert record.segments == ((prompt, False), (raw["output"], True))
     sample = tokenize_record(record, tok, 10_000)
-    prompt_ids, output_ids = sp.encode(prompt), sp.encode(raw["output"])
-    assert sample["input_ids"] == [1] + prompt_ids + output_ids + [2]
+    joint, prompt_ids = sp.encode(prompt + raw["output"]), sp.encode(prompt)  # prompt and response together
+    assert sample["input_ids"] == [1] + joint + [2]
     loss_positions = [i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX]
     first = 1 + len(prompt_ids)
-    assert loss_positions == list(range(first, first + len(output_ids) + 1))
-    assert [sample["labels"][i] for i in loss_positions] == output_ids + [2]
+    assert loss_positions == list(range(first, len(joint) + 2))
+    assert [sample["labels"][i] for i in loss_positions] == joint[len(prompt_ids):] + [2]
     assert sp.decode([sample["labels"][i] for i in loss_positions[:-1]]) == "Il fait beau aujourd'hui."
     # a record without input uses the other template
     assert read_records(ALPACA, "alpaca")[0].segments[0][0] == ALPACA_PROMPT_NO_INPUT.format(
         instruction="Give three tips for staying healthy.")
     assert "paired with an input" in ALPACA_PROMPT_WITH_INPUT and "paired" not in ALPACA_PROMPT_NO_INPUT
+
+
+def stanford_alpaca_preprocess(records: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """tatsu-lab/stanford_alpaca train.py's data path, its logic rewritten here: the prompt
+    template filled in, target = output + eos_token, `_tokenize_fn` on sources and on
+    source + target (the tokenizer adds BOS; "</s>" in the text is the EOS token; truncation at
+    max_length), labels = input_ids with the first len(tokenized source) set to IGNORE_INDEX."""
+    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.\n\n"
+                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+    no_input = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                "the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+    sources = [(with_input if r.get("input", "") != "" else no_input).format_map(r) for r in records]
+    targets = [f"{r['output']}{tokenizer.eos_token}" for r in records]
+    out = []
+    for source, target in zip(sources, targets):
+        input_ids = tokenizer(source + target, max_length=max_length, truncation=True).input_ids
+        source_len = len(tokenizer(source, max_length=max_length, truncation=True).input_ids)
+        labels = list(input_ids)
+        labels[:source_len] = [IGNORE_INDEX] * min(source_len, len(labels))
+        out.append({"input_ids": input_ids, "labels": labels})
+    return out
+
+
+def test_alpaca_tokens_and_labels_equal_stanford_alpacas(demo_data, tmp_path):
+    """Every fixture record, at Alpaca's 512 and at a length that cuts responses: the same ids and
+    labels as stanford_alpaca's preprocess on a plain HF LlamaTokenizer that adds BOS (as LLaMA's
+    tokenizer_config.json has it)."""
+    import shutil
+
+    from transformers import LlamaTokenizer
+
+    shutil.copyfile(demo_data / "tokenizer.model", tmp_path / "tokenizer.model")
+    hf = LlamaTokenizer.from_pretrained(str(tmp_path), add_bos_token=True, add_eos_token=False)
+    tok = load_tokenizer(demo_data / "tokenizer.model")
+    raw = json.loads(ALPACA.read_text())
+    for max_length in (512, 40):
+        ours = [tokenize_record(r, tok, max_length) for r in read_records(ALPACA, "alpaca")]
+        assert ours == stanford_alpaca_preprocess(raw, hf, max_length), max_length
+    assert any(len(s["input_ids"]) == 40 for s in ours)  # 40 did cut
 
 
 def test_chat_loss_only_on_assistant_turns(sp_and_tok):

@@ -27,11 +27,12 @@ def warmup_steps(total: int, ratio: float) -> int:
 
 
 def lr_at(step: int, o, total: int) -> float:
-    """The lr of optimizer step `step` (0-based): linear warm-up reaching the peak at the last
-    warm-up step, then cosine (or linear) decay towards 0 at `total`, or constant."""
+    """The lr of optimizer step `step` (0-based), as Hugging Face's schedules (which Alpaca trained
+    with) give it: linear warm-up from 0 at step 0 to the peak at step `warm`, then cosine (or
+    linear) decay towards 0 at `total`, or constant."""
     warm = warmup_steps(total, o.warmup_ratio)
     if step < warm:
-        return o.lr * (step + 1) / warm
+        return o.lr * step / warm
     if o.schedule == "constant":
         return o.lr
     progress = (step - warm) / max(1, total - warm)

@@ -170,14 +170,25 @@ def load_tokenizer(tokenizer_model):
 
 
 def tokenize_record(record: Record, tokenizer, max_length: int) -> dict:
-    """{'input_ids', 'labels'} (lists of ints): BOS, the segments, EOS after every loss segment."""
+    """{'input_ids', 'labels'} (lists of ints), as stanford_alpaca's `preprocess` (train.py) makes
+    them, turn by turn: BOS; each prompt and its response tokenized together (the response is not
+    a sentence of its own, so it gets no extra "▁"), then EOS; the loss on the tokens after the
+    first len(tokenize(prompt)) of the pair, EOS included; all cut at max_length."""
     ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+    prompt = ""
     for text, carries_loss in record.segments:
-        piece = tokenizer.encode(text, add_special_tokens=False)
-        if carries_loss:
-            piece = piece + [tokenizer.eos_token_id]
-        ids += piece
-        labels += piece if carries_loss else [IGNORE_INDEX] * len(piece)
+        if not carries_loss:
+            prompt += text
+            continue
+        pair = tokenizer.encode(prompt + text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        masked = len(tokenizer.encode(prompt, add_special_tokens=False)) if prompt else 0
+        ids += pair
+        labels += [IGNORE_INDEX] * masked + pair[masked:]
+        prompt = ""
+    if prompt:  # a prompt without a response (the parsers refuse one): no loss
+        tail = tokenizer.encode(prompt, add_special_tokens=False)
+        ids += tail
+        labels += [IGNORE_INDEX] * len(tail)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
