@@ -158,7 +158,6 @@ def main(argv=None) -> int:
         return 0 if args.help else 2
     try:
         out = {}
-        mfu = args.mfu if args.mfu is not None else default_mfu()
         if args.mfu is not None and not 0 < args.mfu <= 1:
             raise PlanError(f"--mfu: must be in (0, 1], got {args.mfu}")
         if args.recipe:
@@ -179,6 +178,7 @@ def main(argv=None) -> int:
                               f"{r['layout']['recompute']}", r["memory"]) for r in (rows[:args.top] if args.gpus else [])]
                 memory_png(rows_png, Path(args.png), out["plan"]["memory"]["gpu_memory_gb"])
         if args.budget:
+            mfu = args.mfu if args.mfu is not None else default_mfu()
             g = cost.GPUS[args.gpu or "a100"]
             per_gpu_hour = mfu * g.peak_flops * 3600
             flops = parse_budget(args.budget, per_gpu_hour)
