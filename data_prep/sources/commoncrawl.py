@@ -43,7 +43,11 @@ def normalize_line(line: str) -> str:
 
 
 def line_hash(line: str) -> bytes:
-    return hashlib.sha1(normalize_line(line).encode()).digest()[:8]
+    return _hash_normalized(normalize_line(line))
+
+
+def _hash_normalized(normalized: str) -> bytes:
+    return hashlib.sha1(normalized.encode()).digest()[:8]
 
 
 class _HtmlText(HTMLParser):
@@ -140,9 +144,15 @@ class WebPageReader(PipelineStep):
                 yield Document(text=text, id=f"{path.name}/{i}", metadata={"source": "commoncrawl", "url": url})
 
 
-def _line_hashes(text: str) -> list[int]:
-    """64-bit hashes of the page's normalized non-empty lines, in order."""
-    return [int.from_bytes(line_hash(line), "little") for line in text.split("\n") if normalize_line(line)]
+def _hashed_lines(text: str) -> tuple[list[str], list[int]]:
+    """The page's lines that normalize to something, and their 64-bit hashes (normalized once)."""
+    lines, hashes = [], []
+    for line in text.split("\n"):
+        normalized = normalize_line(line)
+        if normalized:
+            lines.append(line)
+            hashes.append(int.from_bytes(_hash_normalized(normalized), "little"))
+    return lines, hashes
 
 
 class LineHashes(PipelineStep):
@@ -161,7 +171,7 @@ class LineHashes(PipelineStep):
 
         hashes = []
         for doc in data:
-            hashes.extend(_line_hashes(doc.text))
+            hashes.extend(_hashed_lines(doc.text)[1])
             yield doc
         unique, counts = np.unique(np.array(hashes, dtype=np.uint64), return_counts=True)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -218,9 +228,8 @@ class RemoveDuplicateLines(PipelineStep):
         duplicates = np.load(self.duplicates_file)
         for doc in data:
             self.stat_update("total")
-            lines = [line for line in doc.text.split("\n") if normalize_line(line)]
-            hashes = np.array([int.from_bytes(line_hash(line), "little") for line in lines], dtype=np.uint64)
-            repeated = np.isin(hashes, duplicates)
+            lines, hashes = _hashed_lines(doc.text)
+            repeated = np.isin(np.array(hashes, dtype=np.uint64), duplicates)
             kept = [line for line, dup in zip(lines, repeated) if not dup]
             self.stat_update("lines_removed", value=int(repeated.sum()))
             text = "\n".join(kept)
