@@ -42,10 +42,6 @@ def normalize_line(line: str) -> str:
     return " ".join(line.split())
 
 
-def line_hash(line: str) -> bytes:
-    return _hash_normalized(normalize_line(line))
-
-
 def _hash_normalized(normalized: str) -> bytes:
     return hashlib.sha1(normalized.encode()).digest()[:8]
 
