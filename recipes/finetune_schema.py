@@ -14,13 +14,34 @@ from recipes.schema import ClusterConfig, ModelConfig
 
 
 @dataclass
+class SftSourceConfig:
+    """One file of a data mixture; give `weight` (a share of every global batch) or `samples`
+    (records per epoch: fewer than the file has draws a different subset each epoch, more repeats it)."""
+
+    name: str = MISSING
+    format: str = "alpaca"  # as data.format
+    train_file: str = MISSING
+    weight: Optional[float] = None
+    samples: Optional[int] = None
+
+
+@dataclass
 class SftDataConfig:
     name: str = MISSING
-    format: str = "alpaca"  # alpaca (instruction / input / output) | chat (a list of user/assistant turns)
-    train_file: str = MISSING  # a JSON array of records, or JSONL (one record per line)
+    # alpaca (instruction / input / output) | messages ({"messages": [{"role", "content"}]}) |
+    # sharegpt ({"conversations": [{"from": "human"|"gpt", "value"}]}) | oasst (OpenAssistant trees, one per line)
+    format: str = "alpaca"
+    train_file: Optional[str] = None  # a JSON array of records, or JSONL (one record per line)
+    # several files instead of train_file, each with its format and its share of every batch (Koala)
+    mixture: List[SftSourceConfig] = field(default_factory=list)
     tokenizer_model: str = MISSING  # SentencePiece tokenizer.model, read by HF LlamaTokenizer
     max_length: int = 512  # tokens per sample, BOS and EOS included; longer samples are cut at the end
     shuffle: bool = True  # a new permutation of the records each epoch (seeded by train.seed + epoch)
+    # conversations (messages, sharegpt, oasst): FastChat's template; Alpaca records keep Alpaca's own
+    template: str = "vicuna_v1.1"
+    system_prompt: Optional[str] = None  # null: the template's own system message
+    oasst_languages: List[str] = field(default_factory=lambda: ["en"])  # the tree prompt's `lang`
+    oasst_top_k: Optional[int] = None  # keep only assistant replies ranked < k (null: all)
 
 
 @dataclass
@@ -100,7 +121,8 @@ class FinetuneConfig:
 
 
 _CHOICES = {
-    "data.format": ("alpaca", "chat"),
+    "data.format": ("alpaca", "messages", "sharegpt", "oasst"),
+    "data.template": ("vicuna_v1.1",),
     "zero.stage": (0, 1, 2, 3),
     "lora.export": ("merged", "adapter"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
@@ -133,6 +155,7 @@ def check_finetune(cfg, world_size: int) -> None:
     for key in ("train.max_steps", "train.exit_at_step"):
         if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
             raise RecipeError(f"{key}: must be >= 1 or null (got {OmegaConf.select(cfg, key)})")
+    check_data(cfg.data)
     z, t = cfg.zero, cfg.train
     if z.offload_param and z.stage != 3:
         raise RecipeError(f"zero.offload_param: parameter offload needs zero.stage=3 (got stage {z.stage})")
@@ -145,6 +168,32 @@ def check_finetune(cfg, world_size: int) -> None:
         raise RecipeError(
             f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size x world size "
             f"= {t.micro_batch_size} x {world_size} = {per_step}")
+
+
+def check_data(data) -> None:
+    """One training file or a mixture, never both; a mixture's entries all by weight or all by count."""
+    from recipes import RecipeError
+
+    if data.mixture and data.train_file is not None:
+        raise RecipeError("data.train_file: set together with data.mixture; give one or the other")
+    if not data.mixture and data.train_file is None:
+        raise RecipeError("data.train_file: missing (or give data.mixture)")
+    if data.oasst_top_k is not None and data.oasst_top_k < 1:
+        raise RecipeError(f"data.oasst_top_k: must be >= 1 or null (got {data.oasst_top_k})")
+    names = set()
+    for i, m in enumerate(data.mixture):
+        at = f"data.mixture[{i}]"
+        if m.format not in _CHOICES["data.format"]:
+            raise RecipeError(f"{at}.format: {m.format!r} is not one of {', '.join(_CHOICES['data.format'])}")
+        if (m.weight is None) == (m.samples is None):
+            raise RecipeError(f"{at}: give exactly one of weight and samples")
+        if (m.weight is None) != (data.mixture[0].weight is None):
+            raise RecipeError(f"{at}: mixes weight and samples; give every entry the same kind")
+        if (m.weight if m.weight is not None else m.samples) <= 0:
+            raise RecipeError(f"{at}.{'weight' if m.weight is not None else 'samples'}: must be > 0")
+        if m.name in names:
+            raise RecipeError(f"{at}.name: {m.name!r} appears twice")
+        names.add(m.name)
 
 
 def _register() -> None:

@@ -28,6 +28,8 @@ from llama_plugin.finetune.sft_data import (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMP
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT / "tests" / "fixtures" / "alpaca_tiny.json"
 CHAT = ROOT / "tests" / "fixtures" / "chat_tiny.jsonl"
+SHAREGPT = ROOT / "tests" / "fixtures" / "sharegpt_tiny.json"
+OASST = ROOT / "tests" / "fixtures" / "oasst_tiny.trees.jsonl"
 STEPS = 10
 LOSS_TOL = 1e-5  # fp32 losses of a 2-process DeepSpeed run vs one plain process (summation order only)
 
@@ -280,7 +282,7 @@ def test_changed_recipe_refuses_to_resume(ds_runs, ft_env, capsys, monkeypatch):
 
 
 def test_chat_zero2_matches_plain_pytorch(ds_runs, ft_env):
-    _, ref_losses, _ = reference_run(ft_env["base"], ft_env["tokenizer"], CHAT, "chat", 160, 4, lr=1e-3)
+    _, ref_losses, _ = reference_run(ft_env["base"], ft_env["tokenizer"], CHAT, "messages", 160, 4, lr=1e-3)
     rows = metrics(ds_runs["chat_zero2"])
     assert len(rows) == 4
     assert max(abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)) <= LOSS_TOL
@@ -401,9 +403,9 @@ def sp_and_tok(demo_data):
 
 def test_tokenizer_ids_equal_sentencepiece(sp_and_tok):
     sp, tok = sp_and_tok
-    for record in read_records(ALPACA, "alpaca") + read_records(CHAT, "chat"):
-        for text, _ in record.segments:
-            assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+    for record in read_records(ALPACA, "alpaca") + read_records(CHAT, "messages"):
+        text = "".join(t for t, _ in record.segments)  # a response is only ever encoded after its prompt
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
 
 
@@ -470,24 +472,186 @@ def test_alpaca_tokens_and_labels_equal_stanford_alpacas(demo_data, tmp_path):
     assert any(len(s["input_ids"]) == 40 for s in ours)  # 40 did cut
 
 
-def test_chat_loss_only_on_assistant_turns(sp_and_tok):
-    sp, tok = sp_and_tok
-    record = read_records(CHAT, "chat")[2]  # two user turns, two assistant turns
-    sample = tokenize_record(record, tok, 10_000)
-    ids, labels = sample["input_ids"], sample["labels"]
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def fastchat_preprocess(conversations: list[list[dict]], tokenizer, max_length: int) -> list[dict]:
+    """lm-sys/FastChat fastchat/train/train.py `preprocess`, its logic rewritten here, for the
+    vicuna_v1.1 template (system message + " ", then "USER: m " and "ASSISTANT: m</s>"):
+    a first message not from "human" is dropped; the conversation text is tokenized whole (the
+    tokenizer adds BOS; "</s>" in the text is EOS); then per "</s>"-separated turn, the tokens of
+    "... ASSISTANT: " minus 2 (BOS and the trailing "▁", FastChat's LLaMA rule) are masked, and
+    everything after the last full turn; a length mismatch masks the whole sample. Padding is
+    left out (FastChat pads to max_length; pads carry no loss)."""
+    roles = {"human": "USER", "gpt": "ASSISTANT"}
+    out = []
+    for source in conversations:
+        if roles[source[0]["from"]] != "USER":
+            source = source[1:]
+        text = VICUNA_SYSTEM + " "
+        for j, sentence in enumerate(source):
+            assert roles[sentence["from"]] == ("USER", "ASSISTANT")[j % 2]
+            text += roles[sentence["from"]] + ": " + sentence["value"] + (" " if j % 2 == 0 else "</s>")
+        input_ids = tokenizer(text, max_length=max_length, truncation=True).input_ids
+        target = list(input_ids)
+
+        def mask(a, b):
+            for k in range(a, min(b, len(target))):
+                target[k] = IGNORE_INDEX
+
+        sep = " ASSISTANT: "
+        cur_len = 1
+        mask(0, cur_len)
+        for turn in text.split("</s>"):
+            if turn == "":
+                break
+            turn_len = len(tokenizer(turn).input_ids)
+            parts = turn.split(sep)
+            if len(parts) != 2:
+                break
+            instruction_len = len(tokenizer(parts[0] + sep).input_ids) - 2
+            mask(cur_len, cur_len + instruction_len)
+            cur_len += turn_len
+        mask(cur_len, len(target))
+        if cur_len < max_length and cur_len != len(input_ids):
+            mask(0, len(target))  # FastChat: "tokenization mismatch", the sample is ignored
+        out.append({"input_ids": input_ids, "labels": target})
+    return out
+
+
+@pytest.fixture(scope="module")
+def legacy_hf_tokenizer(demo_data, tmp_path_factory):
+    """A plain HF LlamaTokenizer on the demo model, BOS added, legacy=True: text after "</s>" is
+    tokenized as a new sentence (with its "▁"), as the tokenizer Vicuna v1.1 was trained with did."""
+    import shutil
+
+    from transformers import LlamaTokenizer
+
+    folder = tmp_path_factory.mktemp("legacy_tokenizer")
+    shutil.copyfile(demo_data / "tokenizer.model", folder / "tokenizer.model")
+    return LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True, add_eos_token=False, legacy=True)
+
+
+def loss_texts(sample, sp) -> list[str]:
+    """The decoded runs of positions that carry loss (each must end with </s>)."""
     runs, current = [], []
-    for i, label in enumerate(labels):
+    for token, label in zip(sample["input_ids"], sample["labels"]):
         if label != IGNORE_INDEX:
-            assert label == ids[i]
+            assert label == token
             current.append(label)
         elif current:
             runs.append(current)
             current = []
-    runs.append(current) if current else None
-    assert [sp.decode(r[:-1]) for r in runs] == ["The capital of Japan is Tokyo.", "Rome."]
+    runs += [current] if current else []
     assert all(r[-1] == 2 for r in runs)
-    user = sp.encode("USER: What is the capital of Japan? ASSISTANT:")
-    assert ids[1:1 + len(user)] == user and set(labels[:1 + len(user)]) == {IGNORE_INDEX}
+    return [sp.decode(r[:-1]) for r in runs]
+
+
+def as_sharegpt(messages_record: dict) -> list[dict]:
+    return [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+            for m in messages_record["messages"]]
+
+
+def test_sharegpt_and_messages_equal_fastchats_vicuna_preprocess(sp_and_tok, legacy_hf_tokenizer):
+    """Every record of a ShareGPT file (one opens with a "gpt" message, one ends with a "human" one)
+    and of a messages file, at Vicuna's 2048 and at a length that cuts a reply: the same ids and
+    labels as FastChat's preprocess, and the loss exactly on the assistant replies and their </s>."""
+    sp, tok = sp_and_tok
+    share = json.loads(SHAREGPT.read_text())
+    chats = [json.loads(line) for line in CHAT.read_text().splitlines()]
+    cut_any = False
+    for max_length in (2048, 90):
+        ours = [tokenize_record(r, tok, max_length) for r in read_records(SHAREGPT, "sharegpt")]
+        # One deliberate difference: a conversation that ends with a human message fails FastChat's
+        # length check ("tokenization mismatch") and trains on nothing; we drop that last message and
+        # train on the rest, which is FastChat's result for the conversation without it.
+        convs = [c["conversations"] for c in share]
+        trailing = [i for i, c in enumerate(convs) if c[-1]["from"] == "human"]
+        assert trailing == [3]
+        assert set(fastchat_preprocess([convs[3]], legacy_hf_tokenizer, max_length)[0]["labels"]) == {IGNORE_INDEX}
+        ref = fastchat_preprocess([c[:-1] if i in trailing else c for i, c in enumerate(convs)], legacy_hf_tokenizer,
+                                  max_length)
+        assert ours == ref, max_length
+        if max_length == 2048:  # no other mismatch (at 90 some replies are cut off whole)
+            assert all(any(label != IGNORE_INDEX for label in r["labels"]) for r in ref)
+        cut_any |= any(len(r["input_ids"]) == max_length for r in ref)
+        ours = [tokenize_record(r, tok, max_length) for r in read_records(CHAT, "messages")]
+        assert ours == fastchat_preprocess([as_sharegpt(c) for c in chats], legacy_hf_tokenizer, max_length)
+    assert cut_any
+    full = [tokenize_record(r, tok, 2048) for r in read_records(SHAREGPT, "sharegpt")]
+    assert loss_texts(full[1], sp) == ["17 x 23 = 391.", "391 / 3 is about 130.33."]
+    # the opening "gpt" message is dropped, so the first user turn follows the system message
+    assert loss_texts(full[2], sp) == [share[2]["conversations"][2]["value"]]
+    assert sp.decode(full[2]["input_ids"][1:]).startswith(VICUNA_SYSTEM + " USER: Why is a sunset red then?")
+    assert loss_texts(full[3], sp) == [share[3]["conversations"][1]["value"]]  # "Thanks!" carries none
+
+
+def test_oasst_trees_flatten_into_open_assistants_sft_threads(sp_and_tok, legacy_hf_tokenizer):
+    """The fixture's 5 trees: kept threads, by the rule in sft_formats.oasst_threads, listed by hand."""
+    from llama_plugin.finetune.sft_formats import Rendering
+
+    sp, tok = sp_and_tok
+    trees = [json.loads(line) for line in OASST.read_text().splitlines()]
+
+    def texts(*path):  # a thread by child indices from the prompt
+        node, out = trees[path[0]]["prompt"], []
+        out.append(node["text"])
+        for k in path[1:]:
+            node = node["replies"][k]
+            out.append(node["text"])
+        return out
+
+    expected = {
+        # tree 0: the ranked replies' threads; the deleted answer's thread is dropped
+        ("en",): [texts(0, 0, 0, 0), texts(0, 1), texts(0, 2),
+                  # tree 1: "Thanks!" is the first reply of its parent: kept, without it; "Great, thanks." is not
+                  texts(1, 0)],
+        # top_k=1: rank >= 1 dropped; German tree 2 kept; tree 3 is not ready; tree 4 has a synthetic reply
+        ("en", "de", 1): [texts(0, 0, 0, 0), texts(1, 0), texts(2, 0)],
+    }
+    for key, threads in expected.items():
+        rendering = Rendering(oasst_languages=key[:2] if len(key) > 1 else key, oasst_top_k=key[2] if len(key) > 2 else None)
+        records = read_records(OASST, "oasst", rendering)
+        samples = [tokenize_record(r, tok, 2048) for r in records]
+        assert [loss_texts(s, sp) for s in samples] == [t[1::2] for t in threads], key
+        as_share = [[{"from": ("human", "gpt")[j % 2], "value": v} for j, v in enumerate(t)] for t in threads]
+        assert samples == fastchat_preprocess(as_share, legacy_hf_tokenizer, 2048), key
+
+
+def test_a_mixture_delivers_its_weights_within_one_sample_per_batch():
+    """Three sources at 1/2, 3/10, 1/5 of a 10-sample batch (and a Koala-like skew at batch 128):
+    every batch holds floor(B p) or that + 1 of each, the running count stays within one of
+    its target, and in an epoch each source's samples are drawn without repeats."""
+    from llama_plugin.finetune.schedule import BatchPlan
+
+    for sizes, per_epoch, batch in (([40, 30, 7], [50, 30, 20], 10), ([300, 52, 900], [300, 52, 900], 128)):
+        plan = BatchPlan(sizes, per_epoch, batch, seed=42, shuffle=True)
+        total = sum(per_epoch)
+        assert plan.steps_per_epoch == total // batch
+        running = [0] * len(sizes)
+        for epoch in range(2):
+            drawn = [[] for _ in sizes]
+            for b in range(plan.steps_per_epoch):
+                idx = plan.indices(epoch * plan.steps_per_epoch + b)
+                assert len(idx) == batch
+                offsets = [sum(sizes[:i]) for i in range(len(sizes))] + [sum(sizes)]
+                counts = [sum(offsets[i] <= j < offsets[i + 1] for j in idx) for i in range(len(sizes))]
+                assert counts == plan.source_counts(b)
+                for i, c in enumerate(counts):
+                    share = batch * per_epoch[i] / total
+                    assert math.floor(share) <= c <= math.floor(share) + 1
+                    running[i] = (running[i] if b else 0) + c
+                    assert abs(running[i] - (b + 1) * share) < 1
+                    drawn[i] += [j - offsets[i] for j in idx if offsets[i] <= j < offsets[i + 1]]
+            for i, d in enumerate(drawn):
+                # fewer draws than records: no repeats; more (source 1 of the first plan): every record,
+                # then a second permutation
+                assert len(set(d[:sizes[i]])) == min(len(d), sizes[i])
+    # one source: the permutation per epoch that a plain run used (seed + epoch)
+    plan = BatchPlan([16], [16], 4, seed=42, shuffle=True)
+    assert [j for b in range(4) for j in plan.indices(4 + b)] == torch.randperm(
+        16, generator=torch.Generator().manual_seed(43)).tolist()
 
 
 def test_truncation_keeps_labels_aligned(sp_and_tok):
@@ -509,7 +673,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     bad.write_text(good + "\n" + good + "\n" + '{"messages": [{"role": "user", "content": "hi"}\n')
     with pytest.raises(SftDataError, match=rf"{bad}:3: not valid JSON"):
-        read_records(bad, "chat")
+        read_records(bad, "messages")
 
 
 def test_missing_field_names_file_line_and_field(tmp_path):
@@ -523,8 +687,8 @@ def test_missing_field_names_file_line_and_field(tmp_path):
         read_records(array, "alpaca")
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
-    with pytest.raises(SftDataError, match=rf"{chat}:1: messages\[0\]: field 'role' is 'assistant'"):
-        read_records(chat, "chat")
+    with pytest.raises(SftDataError, match=rf"{chat}:1: messages: turn 0 is 'assistant'"):
+        read_records(chat, "messages")
 
 
 @pytest.mark.parametrize("override,field", [

@@ -1,14 +1,15 @@
-"""Supervised fine-tuning data: Alpaca records and multi-turn chats -> token ids + loss labels.
+"""Supervised fine-tuning data: records of one or several files -> token ids + loss labels.
 
-Every sample is a concatenation of segments, each tokenized on its own so that the boundary between
-what the model is given (prompt, user turns: label -100) and what it must produce (response,
-assistant turns: label = the token) is exact:
+Every sample is a concatenation of segments (sft_formats.py makes them from Alpaca records and
+conversations) so that the boundary between what the model is given (prompt, user turns: label
+-100) and what it must produce (response, assistant turns: label = the token) is exact:
 
     alpaca: <s> template(instruction[, input]) | output </s>
-    chat:   <s> "USER: " u1 " ASSISTANT:" | a1 </s> | "USER: " u2 " ASSISTANT:" | a2 </s> ...
+    vicuna: <s> system USER: u1 ASSISTANT: | a1 </s> USER: u2 ASSISTANT: | a2 </s> ...
 
 Labels are aligned with input ids (HF convention: the model shifts them), and truncation to
-max_length cuts ids and labels at the same place.
+max_length cuts ids and labels at the same place. A mixture (data.mixture) concatenates the samples
+of several files; schedule.BatchPlan decides how many of each form every global batch.
 """
 
 from __future__ import annotations
@@ -17,134 +18,127 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_plugin.finetune.sft_formats import (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, FORMATS, PARSERS,
+                                               Rendering, SftDataError)
+
+__all__ = ["ALPACA_PROMPT_NO_INPUT", "ALPACA_PROMPT_WITH_INPUT", "IGNORE_INDEX", "Record", "SftDataError", "SftDataset",
+           "Source", "collate", "load_tokenizer", "read_records", "read_sources", "tokenize_record"]
+
 IGNORE_INDEX = -100
-
-# Stanford Alpaca's two prompt templates (tatsu-lab/stanford_alpaca, train.py), verbatim.
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-CHAT_USER_PREFIX = "USER: "
-CHAT_ASSISTANT_PREFIX = " ASSISTANT:"
-
-
-class SftDataError(ValueError):
-    """A malformed training record; the message names the file, the line and the field."""
 
 
 @dataclass(frozen=True)
 class Record:
-    """One parsed record and where it came from (for error messages)."""
+    """One sample before tokenization, and where it came from (for error messages)."""
 
     source: str  # "file:line"
     segments: tuple  # ((text, carries_loss), ...)
 
 
-def alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    if input_text:
-        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+@dataclass(frozen=True)
+class Source:
+    """One training file of the run; `per_epoch` samples of it go into every epoch."""
+
+    name: str
+    format: str
+    train_file: str
+    records: tuple
+    per_epoch: int
 
 
-def _string_field(obj: dict, key: str, where: str, required: bool = True) -> str:
-    if key not in obj:
-        if required:
-            raise SftDataError(f"{where}: field '{key}' missing")
-        return ""
-    if not isinstance(obj[key], str):
-        raise SftDataError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
-    return obj[key]
-
-
-def alpaca_segments(obj: dict, where: str) -> tuple:
-    instruction = _string_field(obj, "instruction", where)
-    input_text = _string_field(obj, "input", where, required=False)
-    output = _string_field(obj, "output", where)
-    return ((alpaca_prompt(instruction, input_text), False), (output, True))
-
-
-def chat_segments(obj: dict, where: str) -> tuple:
-    messages = obj.get("messages")
-    if messages is None:
-        raise SftDataError(f"{where}: field 'messages' missing")
-    if not isinstance(messages, list) or not messages:
-        raise SftDataError(f"{where}: field 'messages' must be a non-empty list of turns")
-    segments = []
-    for i, turn in enumerate(messages):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(turn, dict):
-            raise SftDataError(f"{at} must be an object with 'role' and 'content'")
-        role = _string_field(turn, "role", at)
-        content = _string_field(turn, "content", at)
-        want = "user" if i % 2 == 0 else "assistant"
-        if role != want:
-            raise SftDataError(f"{at}: field 'role' is {role!r}; turns alternate user, assistant, ... (expected {want!r})")
-        if role == "user":
-            segments.append((CHAT_USER_PREFIX + content + CHAT_ASSISTANT_PREFIX, False))
-        else:
-            segments.append((content, True))
-    if len(messages) % 2:
-        raise SftDataError(f"{where}: field 'messages' ends with a user turn; a conversation ends with the assistant")
-    return tuple(segments)
-
-
-_PARSERS = {"alpaca": alpaca_segments, "chat": chat_segments}
-
-
-def read_records(path, fmt: str) -> list[Record]:
-    """Records of a JSON array file or a JSONL file; a bad one raises SftDataError with file:line."""
+def read_records(path, fmt: str, rendering: Rendering = Rendering()) -> list[Record]:
+    """Samples of a JSON array file or a JSONL file, in order; a bad record raises SftDataError with
+    file:line. Linear in the file's size."""
     path = Path(path)
-    if fmt not in _PARSERS:
-        raise SftDataError(f"data.format: {fmt!r} is not one of {', '.join(_PARSERS)}")
+    if fmt not in PARSERS:
+        raise SftDataError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if not path.is_file():
         raise SftDataError(f"{path}: training file not found (data.train_file)")
-    text = path.read_text(encoding="utf-8")
-    parse = _PARSERS[fmt]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SftDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    parse = PARSERS[fmt]
     records = []
-    if text.lstrip().startswith("["):  # one JSON array
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SftDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        line_of = _array_item_lines(text, len(items))
-        for i, obj in enumerate(items):
-            where = f"{path}:{line_of[i]} (record {i})"
-            if not isinstance(obj, dict):
-                raise SftDataError(f"{where}: a record must be a JSON object")
-            records.append(Record(where, parse(obj, where)))
-    else:  # JSONL
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SftDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise SftDataError(f"{where}: a record must be a JSON object")
-            records.append(Record(where, parse(obj, where)))
+    items = _array_items(text, path) if text.lstrip().startswith("[") else _jsonl_items(text, path)
+    for where, obj in items:
+        if not isinstance(obj, dict):
+            raise SftDataError(f"{where}: a record must be a JSON object")
+        records += [Record(where, segments) for segments in parse(obj, where, rendering)]
     if not records:
-        raise SftDataError(f"{path}: no records")
+        raise SftDataError(f"{path}: no records" + (" (no OpenAssistant thread passed the filters: "
+                                                    "data.oasst_languages, data.oasst_top_k)" if fmt == "oasst" else ""))
     return records
 
 
-def _array_item_lines(text: str, count: int) -> list[int]:
-    """The line on which each top-level item of a JSON array starts (for error messages)."""
-    decoder = json.JSONDecoder()
-    lines, pos = [], text.index("[") + 1
-    for _ in range(count):
-        while text[pos] in " \t\r\n,":
+def _jsonl_items(text: str, path: Path):
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SftDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _array_items(text: str, path: Path):
+    """The top-level items of one JSON array, each with "file:line (record i)" of where it starts;
+    one pass over the text (the line count advances with the position)."""
+    decoder, n = json.JSONDecoder(), len(text)
+
+    def skip(pos):
+        while pos < n and text[pos] in " \t\r\n":
             pos += 1
-        lines.append(text.count("\n", 0, pos) + 1)
-        _, pos = decoder.raw_decode(text, pos)
-    return lines
+        return pos
+
+    def fail(pos, msg):
+        raise SftDataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: not valid JSON ({msg})")
+
+    pos = skip(0) + 1  # past "["
+    line, counted, i = 1, 0, 0
+    pos = skip(pos)
+    if pos < n and text[pos] == "]":
+        pos += 1
+    else:
+        while True:
+            line += text.count("\n", counted, pos)
+            counted = pos
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise SftDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            yield f"{path}:{line} (record {i})", obj
+            i += 1
+            pos = skip(pos)
+            if pos < n and text[pos] == ",":
+                pos = skip(pos + 1)
+            elif pos < n and text[pos] == "]":
+                pos += 1
+                break
+            else:
+                fail(pos, "expected ',' or ']' after a record")
+    if skip(pos) != n:
+        fail(skip(pos), "extra data after the array")
+
+
+def read_sources(data_cfg) -> list[Source]:
+    """The run's training files: data.train_file, or every entry of data.mixture, with how many of
+    their samples an epoch takes (all of them; `samples`; or `weight` x all the mixture's samples)."""
+    rendering = Rendering.from_config(data_cfg)
+    if not data_cfg.mixture:
+        records = tuple(read_records(data_cfg.train_file, data_cfg.format, rendering))
+        return [Source(data_cfg.name, data_cfg.format, data_cfg.train_file, records, len(records))]
+    read = [(m, tuple(read_records(m.train_file, m.format, rendering))) for m in data_cfg.mixture]
+    total = sum(len(records) for _, records in read)
+    weights = sum(m.weight or 0 for m, _ in read)
+    sources = [Source(m.name, m.format, m.train_file, records,
+                      m.samples if m.samples is not None else round(total * m.weight / weights))
+               for m, records in read]
+    for i, s in enumerate(sources):
+        if s.per_epoch < 1:
+            raise SftDataError(f"data.mixture[{i}].weight: {s.name} gets no sample of the {total} per epoch")
+    return sources
 
 
 def load_tokenizer(tokenizer_model):
@@ -193,12 +187,13 @@ def tokenize_record(record: Record, tokenizer, max_length: int) -> dict:
 
 
 class SftDataset:
-    """Tokenized records, in file order."""
+    """Tokenized samples of every source, concatenated in source order."""
 
-    def __init__(self, data_cfg):
-        self.records = read_records(data_cfg.train_file, data_cfg.format)
+    def __init__(self, data_cfg, sources: list[Source] | None = None):
+        self.sources = sources if sources is not None else read_sources(data_cfg)
         self.tokenizer = load_tokenizer(data_cfg.tokenizer_model)
-        self.samples = [tokenize_record(r, self.tokenizer, data_cfg.max_length) for r in self.records]
+        self.samples = [tokenize_record(r, self.tokenizer, data_cfg.max_length)
+                        for source in self.sources for r in source.records]
 
     def __len__(self) -> int:
         return len(self.samples)

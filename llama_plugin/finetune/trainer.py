@@ -8,6 +8,7 @@ gradient_accumulation x world to undo DeepSpeed's averaging.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -20,17 +21,22 @@ from omegaconf import OmegaConf
 
 from llama_plugin.finetune import ds_checkpoint, schedule
 from llama_plugin.finetune.ds_config import deepspeed_config, gradient_accumulation_steps
-from llama_plugin.finetune.sft_data import IGNORE_INDEX, SftDataError, SftDataset, collate
+from llama_plugin.finetune.sft_data import IGNORE_INDEX, SftDataError, SftDataset, collate, read_sources
 from llama_plugin.metrics_log import truncate_jsonl_after
 from llama_plugin.run_files import FINISHED_MARKER, STOP_FILE, StopRequest, redact_secrets
 from recipes import RecipeError, compose, load_file
 from recipes.finetune_schema import FinetuneConfig, check_finetune
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# Fields a resume must share with the checkpoint to continue exactly (data order and schedule).
-RESUME_FIELDS = ("data.train_file", "data.format", "data.max_length", "data.shuffle", "train.global_batch_size",
-                 "train.seed", "train.epochs", "train.max_steps", "optimizer.lr", "optimizer.warmup_ratio",
-                 "optimizer.schedule", "lora.enabled", "lora.r", "lora.target_modules", "zero.stage")
+# Fields a resume must share with the checkpoint: what the samples are and their order, the
+# schedule, the optimizer's update rule, the model being trained and its precision. Besides these,
+# base_model and data.tokenizer_model are compared by content (fingerprint below).
+RESUME_FIELDS = ("data.train_file", "data.format", "data.mixture", "data.max_length", "data.shuffle", "data.template",
+                 "data.system_prompt", "data.oasst_languages", "data.oasst_top_k", "train.global_batch_size",
+                 "train.seed", "train.epochs", "train.max_steps", "train.precision", "optimizer.lr",
+                 "optimizer.warmup_ratio", "optimizer.schedule", "optimizer.weight_decay", "optimizer.beta1",
+                 "optimizer.beta2", "optimizer.eps", "optimizer.clip_grad", "lora.enabled", "lora.r", "lora.alpha",
+                 "lora.dropout", "lora.target_modules", "zero.stage")
 
 
 def default_extensions_dir() -> None:
@@ -69,12 +75,13 @@ def check_base_model(cfg) -> None:
 
 
 def check_resume(cfg) -> None:
+    now = None
     for _, ckpt in reversed(ds_checkpoint.complete(Path(cfg.train.run_dir) / "checkpoints")):
         try:  # a torn newest checkpoint is set aside when training starts; compare with the next
             saved = json.loads((ckpt / ds_checkpoint.TRAIN_STATE).read_text())["resume_fields"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
             continue
-        now = resume_fields(cfg)
+        now = now or resume_fields(cfg)
         for key, value in saved.items():
             if now.get(key) != value:
                 raise RecipeError(f"{key}: {now.get(key)!r} differs from {value!r} in {ckpt}; an exact resume "
@@ -87,7 +94,27 @@ def resume_fields(cfg) -> dict:
     for key in RESUME_FIELDS:
         v = OmegaConf.select(cfg, key)
         out[key] = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+    out["base_model (content)"] = fingerprint_hf_folder(cfg.base_model)
+    out["data.tokenizer_model (content)"] = hashlib.sha256(Path(cfg.data.tokenizer_model).read_bytes()).hexdigest()
     return out
+
+
+def fingerprint_hf_folder(folder) -> str:
+    """sha256 over config.json and, per weight file, its name, size, safetensors header (names,
+    dtypes, shapes) and its first and last MiB: a swapped or retrained base model changes it,
+    without reading 13 GB at every start."""
+    h = hashlib.sha256()
+    folder = Path(folder)
+    h.update((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header, size) + 2**20))
+            fh.seek(max(0, size - 2**20))
+            h.update(fh.read())
+    return h.hexdigest()
 
 
 _ZERO3_INIT = []  # keeps transformers' HfDeepSpeedConfig alive: it is held by a weak reference
@@ -153,7 +180,8 @@ class JsonlLog:
                 f.write(json.dumps(row) + "\n")
 
 
-def run(cfg) -> dict:
+def run(cfg, sources=None) -> dict:
+    """Train; `sources` are the data files main() has already read (read here when None)."""
     stop = StopRequest(Path(cfg.train.run_dir) / STOP_FILE)
     default_extensions_dir()
     import deepspeed
@@ -169,14 +197,17 @@ def run(cfg) -> dict:
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
 
-    data = SftDataset(cfg.data)
+    data = SftDataset(cfg.data, sources)
     if len(data.tokenizer) > cfg.model.vocab_size:
         raise RecipeError(f"data.tokenizer_model: {len(data.tokenizer)} tokens but the model has {cfg.model.vocab_size}")
-    per_epoch = schedule.steps_per_epoch(len(data), t.global_batch_size)
+    plan = schedule.BatchPlan([len(s.records) for s in data.sources], [s.per_epoch for s in data.sources],
+                              t.global_batch_size, t.seed, cfg.data.shuffle)
+    per_epoch = plan.steps_per_epoch
     if per_epoch == 0:
-        raise RecipeError(f"train.global_batch_size: {t.global_batch_size} exceeds the {len(data)} records of "
-                          f"{cfg.data.train_file}")
-    total = schedule.total_steps(cfg, len(data))
+        raise RecipeError(f"train.global_batch_size: {t.global_batch_size} exceeds the {plan.epoch_samples} samples "
+                          "of an epoch")
+    total = schedule.total_steps(cfg, plan.epoch_samples)
+    fields = resume_fields(cfg)
 
     torch.manual_seed(t.seed)  # LoRA's initial A: the same on every rank
     ds_cfg = deepspeed_config(cfg, world)
@@ -196,6 +227,8 @@ def run(cfg) -> dict:
                                "warmup_steps": schedule.warmup_steps(total, o.warmup_ratio),
                                "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world),
                                "records": len(data), "deepspeed_config": ds_cfg,
+                               "sources": [{"name": s.name, "format": s.format, "records": len(s.records),
+                                            "per_epoch": s.per_epoch} for s in data.sources],
                                "resumed_from_step": start}
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -208,7 +241,7 @@ def run(cfg) -> dict:
     step, loss_value, stopped = start, None, False
     while step < stop_at:
         t0 = time.perf_counter()
-        indices = schedule.global_batch_indices(step, len(data), t.global_batch_size, t.seed, cfg.data.shuffle)
+        indices = plan.indices(step)
         n_tokens = max(1, response_tokens([data[i] for i in indices]))
         lr = schedule.lr_at(step, o, total)
         for group in engine.optimizer.param_groups:
@@ -233,13 +266,15 @@ def run(cfg) -> dict:
             row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                    "clipped": bool(o.clip_grad > 0 and grad_norm is not None and grad_norm > o.clip_grad),
                    "response_tokens": n_tokens, "step_time_s": time.perf_counter() - t0}
+            if len(data.sources) > 1:
+                row["samples_per_source"] = dict(zip((s.name for s in data.sources), plan.source_counts(step - 1)))
             log.log(row)
             if rank == 0:
                 print(f"[finetune] step {step}/{total} loss {loss_value:.6f} lr {lr:.3e} grad_norm {grad_norm}",
                       flush=True)
         stop_now = stop.agreed(device)
         if step % t.save_interval == 0 or step == stop_at or stop_now:
-            ds_checkpoint.save(engine, ckpt_root, step, {"step": step, "resume_fields": resume_fields(cfg)},
+            ds_checkpoint.save(engine, ckpt_root, step, {"step": step, "resume_fields": fields},
                                t.keep_checkpoints)
         if stop_now and step < stop_at:
             stopped = True
@@ -323,16 +358,14 @@ def main(argv=None) -> int:
         check_finetune(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         check_base_model(cfg)
         check_resume(cfg)
-        from llama_plugin.finetune.sft_data import read_records
-
-        read_records(cfg.data.train_file, cfg.data.format)  # a malformed record stops the run here
+        sources = read_sources(cfg.data)  # a malformed record stops the run here, before any process starts
     except (RecipeError, SftDataError, ValueError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     _ensure_launcher_env()
     try:
-        summary = run(cfg)
+        summary = run(cfg, sources)
     except (RecipeError, SftDataError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
