@@ -4,7 +4,8 @@
 
 CASES.json: [{"recipe": "tiny_alpaca_cpu", "overrides": ["zero=stage1", ...]}, ...]; each case is
 run to completion (or to train.exit_at_step) by llama_plugin.finetune.trainer.run, in order.
-A case {"damage": RUN_DIR} flips one byte in the largest file of RUN_DIR's newest checkpoint.
+A case {"damage": RUN_DIR} flips one byte in the largest file of RUN_DIR's newest checkpoint;
+{"tear": RUN_DIR} appends half a line to RUN_DIR/metrics.jsonl (a crash during a write).
 """
 
 import json
@@ -32,6 +33,12 @@ def main(cases_file: str) -> None:
 
     cases = json.loads(open(cases_file).read())
     for case in cases:
+        if "tear" in case:
+            if dist.get_rank() == 0:
+                with open(f"{case['tear']}/metrics.jsonl", "a") as f:
+                    f.write('{"step": 5, "loss": 6.2')
+            dist.barrier()
+            continue
         if "damage" in case:
             if dist.get_rank() == 0:
                 damage_newest_checkpoint(case["damage"])

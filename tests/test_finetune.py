@@ -77,7 +77,8 @@ def ds_runs(ft_env):
     """Every DeepSpeed case, in one 2-process world; returns {case: run_dir}."""
     root = ft_env["root"]
     runs = {n: root / n for n in ("zero0", "zero2_bf16", "zero1", "zero2", "zero3", "zero3_offload", "zero3_resumed", "lora_zero2",
-                                  "lora_zero3", "chat_zero2", "zero3_ckpt", "lora_zero2_ckpt", "zero2_damaged")}
+                                  "lora_zero3", "chat_zero2", "zero3_ckpt", "lora_zero2_ckpt", "zero2_damaged",
+                                  "zero1_offload", "zero2_offload", "mixture_zero2")}
     full = "tiny_alpaca_cpu"
     cases = [
         {"recipe": full, "overrides": common(ft_env, runs["zero0"]) + ["zero.stage=0"]},
@@ -87,8 +88,12 @@ def ds_runs(ft_env):
         {"recipe": full, "overrides": common(ft_env, runs["zero2"]) + ["zero=stage2"]},
         {"recipe": full, "overrides": common(ft_env, runs["zero3"]) + ["zero=stage3"]},
         {"recipe": full, "overrides": common(ft_env, runs["zero3_offload"]) + ["zero=stage3_offload"]},
+        # ZeRO-1/2 with the optimizer (fp32 master weights, moments, the AdamW step) in CPU memory
+        {"recipe": full, "overrides": common(ft_env, runs["zero1_offload"]) + ["zero=stage1", "zero.offload_optimizer=true"]},
+        {"recipe": full, "overrides": common(ft_env, runs["zero2_offload"]) + ["zero=stage2", "zero.offload_optimizer=true"]},
         # stopped after step 4 (checkpoint), then a second run in the same directory resumes it
         {"recipe": full, "overrides": common(ft_env, runs["zero3_resumed"]) + ["zero=stage3", "train.exit_at_step=4"]},
+        {"tear": str(runs["zero3_resumed"])},  # a crash mid-write leaves half a metrics line
         {"recipe": full, "overrides": common(ft_env, runs["zero3_resumed"]) + ["zero=stage3"]},
         # checkpoints every 2 steps, stopped after step 6, a flipped byte in step 6's checkpoint: the
         # resume sets it aside and goes on from step 4
@@ -102,6 +107,7 @@ def ds_runs(ft_env):
         {"recipe": "tiny_lora_cpu", "overrides": common(ft_env, runs["lora_zero3"]) + [
             "zero=stage3", "lora.export=merged", f"optimizer.clip_grad={LORA_CLIP}"]},
         {"recipe": "tiny_chat_cpu", "overrides": common(ft_env, runs["chat_zero2"]) + ["zero=stage2", "train.max_steps=4"]},
+        {"recipe": "tiny_mixture_cpu", "overrides": common(ft_env, runs["mixture_zero2"]) + ["train.max_steps=9"]},
         # the 7B recipes' activation checkpointing, under ZeRO-3 and with LoRA
         {"recipe": full, "overrides": common(ft_env, runs["zero3_ckpt"]) + ["zero=stage3", "train.max_steps=3",
                                                                             "train.gradient_checkpointing=true"]},
@@ -195,7 +201,7 @@ def lora_reference(ft_env):
 # ---------------------------------------------------------------- equivalence
 
 
-@pytest.mark.parametrize("case", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("case", ["zero0", "zero1", "zero2", "zero3", "zero1_offload", "zero2_offload", "zero3_offload"])
 def test_zero_stage_matches_plain_pytorch(ds_runs, full_reference, case):
     _, ref_losses, ref_norms = full_reference
     rows = metrics(ds_runs[case])
@@ -212,10 +218,11 @@ def test_zero_stage_matches_plain_pytorch(ds_runs, full_reference, case):
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
     # and DeepSpeed really ran the stage asked for
     engine = json.loads((ds_runs[case] / "run_state.json").read_text())["engine"]
-    stage = 3 if case.startswith("zero3") else int(case[-1])
+    stage = int(case[4])
     assert engine["zero_stage"] == stage and engine["basic_optimizer"] == "AdamW"
     assert engine["optimizer"] == {0: "AdamW", 3: "DeepSpeedZeroOptimizer_Stage3"}.get(stage, "DeepSpeedZeroOptimizer")
-    assert engine["offload_optimizer"] == engine["offload_param"] == (case == "zero3_offload")
+    assert engine["offload_optimizer"] == case.endswith("offload")
+    assert engine["offload_param"] == (case == "zero3_offload")
     assert engine["loaded_sharded"] == (stage == 3)  # full fine-tuning under ZeRO-3 never holds the whole model
     if stage == 3:  # every parameter is sharded: rank 0 holds about half of the elements
         assert engine["rank0_parameter_elements"] <= engine["parameter_elements"] // 2 + 64
@@ -273,12 +280,56 @@ def test_sigusr1_checkpoints_stops_and_resumes_exactly(ds_runs, ft_env, tmp_path
     assert json.loads((run_dir / "run_state.json").read_text())["finished"]
 
 
-def test_changed_recipe_refuses_to_resume(ds_runs, ft_env, capsys, monkeypatch):
+def other_tokenizer(folder: Path) -> Path:
+    """A SentencePiece model trained on other text than the demo's."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "omicron"]
+    lines = [" ".join(words[(i * 7 + k) % 10] for k in range(12)) for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "other"), vocab_size=60,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    return folder / "other.model"
+
+
+@pytest.mark.parametrize("case,override,field", [
+    ("zero3_resumed", "optimizer.lr=5e-4", "optimizer.lr"),
+    ("zero3_resumed", "optimizer.weight_decay=0.0", "optimizer.weight_decay"),
+    ("zero3_resumed", "optimizer.beta2=0.95", "optimizer.beta2"),
+    ("zero3_resumed", "optimizer.clip_grad=0.5", "optimizer.clip_grad"),
+    ("zero3_resumed", "train.precision=bf16", "train.precision"),
+    ("zero3_resumed", "data.max_length=128", "data.max_length"),
+    ("zero3_resumed", "base_model=<other weights>", "base_model (content)"),
+    ("zero3_resumed", "data.tokenizer_model=<other tokenizer>", "data.tokenizer_model (content)"),
+    ("lora_zero2", "lora.alpha=32", "lora.alpha"),
+    ("lora_zero2", "lora.r=8", "lora.r"),
+])
+def test_changed_recipe_refuses_to_resume(ds_runs, ft_env, case, override, field, tmp_path, capsys, monkeypatch):
+    """Each field that changes what the resumed run means is refused, naming it; the same recipe
+    with the base model and tokenizer copied to other paths (same content) resumes."""
+    import shutil
+
+    from llama_plugin.finetune.trainer import check_resume
+    from recipes import compose
+    from recipes.finetune_schema import FinetuneConfig
+
+    if case == "zero3_resumed":
+        recipe, overrides = "tiny_alpaca_cpu", common(ft_env, ds_runs[case]) + ["zero=stage3"]
+    else:
+        recipe, overrides = "tiny_lora_cpu", common(ft_env, ds_runs[case]) + [
+            "zero=stage2", "lora.export=adapter", f"optimizer.clip_grad={LORA_CLIP}"]
+    if override.startswith("base_model="):
+        override = f"base_model={make_base(tmp_path / 'other_base', seed=4)}"  # same shapes, other weights
+    elif override.startswith("data.tokenizer_model="):
+        override = f"data.tokenizer_model={other_tokenizer(tmp_path)}"
+    else:  # the unchanged recipe, its files moved, resumes
+        shutil.copytree(ft_env["base"], tmp_path / "base_copy")
+        shutil.copyfile(ft_env["tokenizer"], tmp_path / "tok.model")
+        check_resume(compose(recipe, overrides + [f"base_model={tmp_path / 'base_copy'}",
+                                                  f"data.tokenizer_model={tmp_path / 'tok.model'}"], FinetuneConfig))
     from llama_plugin.finetune.trainer import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code = main(["tiny_alpaca_cpu", *common(ft_env, ds_runs["zero3_resumed"]), "zero=stage3", "optimizer.lr=5e-4"])
-    assert code == 2 and "optimizer.lr" in capsys.readouterr().err
+    assert main([recipe, *overrides, override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after make_base's progress bar
+    assert err.startswith(f"error: {field}:") and "an exact resume needs the same value" in err, err
 
 
 def test_chat_zero2_matches_plain_pytorch(ds_runs, ft_env):
@@ -286,6 +337,23 @@ def test_chat_zero2_matches_plain_pytorch(ds_runs, ft_env):
     rows = metrics(ds_runs["chat_zero2"])
     assert len(rows) == 4
     assert max(abs(r["loss"] - ref) for r, ref in zip(rows, ref_losses)) <= LOSS_TOL
+
+
+def test_a_mixture_run_feeds_each_batch_its_weights(ds_runs):
+    """tiny_mixture_cpu: weights 1/2, 1/4, 1/4 of a 4-sample batch -> 2, 1, 1 in every logged step,
+    over the 2+ epochs of 8 steps; the samples really come from the three files."""
+    rows = metrics(ds_runs["mixture_zero2"])
+    assert [r["step"] for r in rows] == list(range(1, 10))
+    assert all(r["samples_per_source"] == {"alpaca": 2, "chat": 1, "sharegpt": 1} for r in rows)
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    from omegaconf import OmegaConf
+
+    derived = OmegaConf.load(ds_runs["mixture_zero2"] / "config.yaml").derived
+    assert OmegaConf.to_container(derived.sources) == [
+        {"name": "alpaca", "format": "alpaca", "records": 16, "per_epoch": 16},
+        {"name": "chat", "format": "messages", "records": 8, "per_epoch": 8},
+        {"name": "sharegpt", "format": "sharegpt", "records": 8, "per_epoch": 8}]
+    assert derived.steps_per_epoch == 8
 
 
 @pytest.mark.parametrize("case", ["lora_zero2", "lora_zero3"])
