@@ -30,7 +30,7 @@ class SftDataConfig:
     name: str = MISSING
     # alpaca (instruction / input / output) | messages ({"messages": [{"role", "content"}]}) |
     # sharegpt ({"conversations": [{"from": "human"|"gpt", "value"}]}) | oasst (OpenAssistant trees, one per line)
-    format: str = "alpaca"
+    format: Optional[str] = None
     train_file: Optional[str] = None  # a JSON array of records, or JSONL (one record per line)
     # several files instead of train_file, each with its format and its share of every batch (Koala)
     mixture: List[SftSourceConfig] = field(default_factory=list)
@@ -81,6 +81,7 @@ class FinetuneOptimizerConfig:
     beta2: float = 0.999
     eps: float = 1.0e-8
     warmup_ratio: float = 0.03  # warm-up steps = ceil(ratio * total steps)
+    warmup_steps: Optional[int] = None  # a fixed number of warm-up steps instead of the ratio (as HF's)
     schedule: str = "cosine"  # cosine | linear | constant
     clip_grad: float = 1.0  # global gradient norm; 0 disables clipping
     # torch: torch.optim.AdamW inside DeepSpeed (no compiled op; also with CPU offload).
@@ -120,8 +121,8 @@ class FinetuneConfig:
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(name="local", nodes=1, gpus_per_node=2))
 
 
+FORMATS = ("alpaca", "messages", "sharegpt", "oasst")
 _CHOICES = {
-    "data.format": ("alpaca", "messages", "sharegpt", "oasst"),
     "data.template": ("vicuna_v1.1",),
     "zero.stage": (0, 1, 2, 3),
     "lora.export": ("merged", "adapter"),
@@ -152,7 +153,7 @@ def check_finetune(cfg, world_size: int) -> None:
     for key in ("optimizer.warmup_ratio", "lora.dropout", "optimizer.beta1", "optimizer.beta2"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise RecipeError(f"{key}: must be in [0, 1) (got {OmegaConf.select(cfg, key)})")
-    for key in ("train.max_steps", "train.exit_at_step"):
+    for key in ("train.max_steps", "train.exit_at_step", "optimizer.warmup_steps"):
         if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
             raise RecipeError(f"{key}: must be >= 1 or null (got {OmegaConf.select(cfg, key)})")
     check_data(cfg.data)
@@ -174,17 +175,23 @@ def check_data(data) -> None:
     """One training file or a mixture, never both; a mixture's entries all by weight or all by count."""
     from recipes import RecipeError
 
-    if data.mixture and data.train_file is not None:
-        raise RecipeError("data.train_file: set together with data.mixture; give one or the other")
-    if not data.mixture and data.train_file is None:
-        raise RecipeError("data.train_file: missing (or give data.mixture)")
+    if data.mixture:
+        for key in ("train_file", "format"):
+            if data[key] is not None:
+                raise RecipeError(f"data.{key}: set together with data.mixture (whose entries name their own)")
+    else:
+        for key in ("train_file", "format"):
+            if data[key] is None:
+                raise RecipeError(f"data.{key}: missing (or give data.mixture)")
+        if data.format not in FORMATS:
+            raise RecipeError(f"data.format: {data.format!r} is not one of {', '.join(FORMATS)}")
     if data.oasst_top_k is not None and data.oasst_top_k < 1:
         raise RecipeError(f"data.oasst_top_k: must be >= 1 or null (got {data.oasst_top_k})")
     names = set()
     for i, m in enumerate(data.mixture):
         at = f"data.mixture[{i}]"
-        if m.format not in _CHOICES["data.format"]:
-            raise RecipeError(f"{at}.format: {m.format!r} is not one of {', '.join(_CHOICES['data.format'])}")
+        if m.format not in FORMATS:
+            raise RecipeError(f"{at}.format: {m.format!r} is not one of {', '.join(FORMATS)}")
         if (m.weight is None) == (m.samples is None):
             raise RecipeError(f"{at}: give exactly one of weight and samples")
         if (m.weight is None) != (data.mixture[0].weight is None):

@@ -780,6 +780,85 @@ def test_bad_recipe_values_exit_2_naming_the_field(ft_env, override, field, caps
     assert field in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["data.train_file=x.json"], "data.train_file: set together with data.mixture"),
+    (["data.mixture.1.samples=8"], "data.mixture[1]: give exactly one of weight and samples"),
+    (["data.mixture.1.weight=null", "data.mixture.1.samples=8"], "data.mixture[1]: mixes weight and samples"),
+    (["data.mixture.2.format=csv"], "data.mixture[2].format: 'csv' is not one of"),
+    (["data.mixture.2.weight=0"], "data.mixture[2].weight: must be > 0"),
+    (["data.mixture.2.name=chat"], "data.mixture[2].name: 'chat' appears twice"),
+    (["data.mixture.2.weight=0.001"], "data.mixture[2].weight: sharegpt gets no sample of the 32 per epoch"),
+])
+def test_bad_mixtures_exit_2_naming_the_entry(ft_env, overrides, message, capsys, monkeypatch):
+    from llama_plugin.finetune.trainer import main
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code = main(["tiny_mixture_cpu", f"base_model={ft_env['base']}", f"data.tokenizer_model={ft_env['tokenizer']}",
+                 f"train.run_dir={ft_env['root'] / 'unused'}", *overrides])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_seed_fine_tunes_carry_their_published_numbers():
+    """Vicuna (its release and FastChat's script), Koala (its data counts, 2 epochs), Open-Assistant's
+    LLaMA SFT config, Alpaca; every 7B recipe uses the AdamW the suite tests (impl torch)."""
+    from recipes import compose
+    from recipes.finetune_schema import FinetuneConfig
+
+    def get(name):
+        return compose(name, [], FinetuneConfig)
+
+    v = get("vicuna_7b")
+    assert (v.data.format, v.data.template, v.data.max_length, v.optimizer.lr, v.optimizer.weight_decay,
+            v.optimizer.warmup_ratio, v.optimizer.schedule, v.train.epochs, v.train.global_batch_size,
+            v.train.precision) == ("sharegpt", "vicuna_v1.1", 2048, 2e-5, 0.0, 0.03, "cosine", 3, 128, "bf16")
+    k = get("koala_7b")
+    assert {m.name: m.samples for m in k.data.mixture} == {
+        "sharegpt": 30_000, "hc3": 87_000, "oig": 30_000, "alpaca": 52_000, "anthropic_hh": 50_000,
+        "webgpt": 20_000, "summarization": 93_000}
+    assert k.train.epochs == 2 and sum(m.samples for m in k.data.mixture[:2]) == 117_000  # Koala-Distill's 117k
+    o = get("oasst_7b")
+    assert (o.optimizer.lr, o.optimizer.weight_decay, o.optimizer.warmup_steps, o.train.epochs, o.data.max_length,
+            o.data.oasst_top_k) == (1e-5, 0.0, 20, 8, 2048, None)
+    assert o.data.oasst_languages == "bg ca cs da de en es fr hr hu it nl pl pt ro ru sl sr sv uk".split()
+    a = get("alpaca_7b")
+    assert (a.optimizer.lr, a.train.epochs, a.train.global_batch_size, a.data.max_length, a.optimizer.weight_decay) == (
+        2e-5, 3, 128, 512, 0.0)
+    for name in ("alpaca_7b", "lora_7b", "chat_7b", "vicuna_7b", "koala_7b", "oasst_7b", "llama_i_7b"):
+        assert get(name).optimizer.impl == "torch", name
+
+
+def test_warmup_steps_override_the_ratio_as_hf_does():
+    from omegaconf import OmegaConf
+    from transformers import get_cosine_schedule_with_warmup
+
+    from llama_plugin.finetune.schedule import lr_at
+
+    o = OmegaConf.create({"lr": 1e-5, "warmup_ratio": 0.03, "warmup_steps": 20, "schedule": "cosine"})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+    sched = get_cosine_schedule_with_warmup(opt, 20, 400)
+    assert [lr_at(s, o, 400) for s in range(400)] == pytest.approx([1e-5 * sched.lr_lambdas[0](s) for s in range(400)],
+                                                                   rel=1e-12, abs=1e-20)
+
+
+def test_a_52k_alpaca_array_loads_in_linear_time(tmp_path):
+    """The reader visits a JSON array once: 8x the records take about 8x the time, not 64x
+    (the old reader counted lines from the file's start for every record). Timing is in
+    benchmarks/sft_load.py; here only the ratio, with a generous margin."""
+    import time
+
+    def timed(n):
+        path = tmp_path / f"a{n}.json"
+        path.write_text(json.dumps([{"instruction": f"Task {i}.", "input": "", "output": "Done. " * 20}
+                                    for i in range(n)], indent=4))
+        t0 = time.perf_counter()
+        assert len(read_records(path, "alpaca")) == n
+        return time.perf_counter() - t0
+
+    small, large = min(timed(1500) for _ in range(3)), min(timed(12000) for _ in range(2))
+    assert large < 24 * small, (small, large)
+
+
 def test_malformed_training_file_exits_2(ft_env, tmp_path, capsys, monkeypatch):
     from llama_plugin.finetune.trainer import main
 
@@ -802,7 +881,11 @@ def test_deepspeed_config_is_generated_consistently():
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert ds["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    assert ds["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                                         "torch_adam": True}  # the AdamW the suite tests, not a compiled op
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # offload steps torch's AdamW on the CPU (tested)
+    ds_adam = deepspeed_config(compose("alpaca_7b", ["zero=stage3_offload", "optimizer.impl=deepspeed"], FinetuneConfig), 8)
+    assert "torch_adam" not in ds_adam["optimizer"]["params"] and ds_adam["zero_force_ds_cpu_optimizer"] is True
     assert ds["gradient_clipping"] == 1.0
     lora = deepspeed_config(compose("tiny_lora_cpu", [], FinetuneConfig), 2)
     assert lora["optimizer"]["params"]["torch_adam"] is True and not lora["bf16"]["enabled"]
@@ -831,6 +914,15 @@ def test_memory_estimate_reproduces_the_7b_figures():
     assert exact["16P/N"]["gpu_gb"] == pytest.approx(16 * P / 8 / 1e9)
     assert exact["2P + (2P + 12P)/N"]["gpu_gb"] == pytest.approx((2 * P + 14 * P / 8) / 1e9)
     assert exact["2P + 2P + 12P/N"]["gpu_gb"] == pytest.approx((4 * P + 12 * P / 8) / 1e9)
+    # the recipe's own row: lora_7b has a bf16 base (2 bytes, not the notes' fp32 4) and ZeRO-2
+    # shards the adapters' 2-byte grads and 12-byte optimizer state over the 8 GPUs
+    assert out["recipe_row"]["gpu_gb"] == pytest.approx((2 * P + (2 + 12) * P_lora / 8) / 1e9)
+    assert out["recipe_row"]["setup"] == "this recipe: bf16, ZeRO-2, LoRA r=8"
+    full = report(compose("alpaca_7b", ["zero=stage3_offload"], FinetuneConfig), gpus=8)["recipe_row"]
+    assert (full["gpu_gb"], full["cpu_gb"]) == (0.0, pytest.approx(16 * P / 8 / 1e9))
+    fp32 = report(compose("alpaca_7b", ["train.precision=fp32", "zero=stage1", "zero.offload_optimizer=true"],
+                          FinetuneConfig), gpus=4)["recipe_row"]  # fp32: no master copy
+    assert (fp32["gpu_gb"], fp32["cpu_gb"]) == (pytest.approx(8 * P / 1e9), pytest.approx(8 * P / 4 / 1e9))
 
 
 def test_memory_cli_prints_the_formulas(capsys):

@@ -62,6 +62,36 @@ def estimate(P: int, N: int, P_lora: int, lora_base_bytes: int = 4) -> list[dict
     return [{"setup": s, "gpu_gb": g / GB, "cpu_gb": c / GB, "formula": f} for s, g, c, f in rows]
 
 
+def recipe_row(cfg, P: int, P_lora: int, N: int) -> dict:
+    """The model states of this recipe's own setup: its precision (bf16: 2-byte weights and
+    gradients plus a 4-byte fp32 master copy; fp32: 4-byte weights and gradients, no copy), Adam's
+    8 bytes of moments, its ZeRO stage and offload, and LoRA (a frozen base of weights only,
+    sharded under ZeRO-3 like every parameter; the 16 or 16 bytes of state on the adapters only)."""
+    z, bf16 = cfg.zero, cfg.train.precision == "bf16"
+    w = 2 if bf16 else 4
+    trained = P_lora if cfg.lora.enabled else P
+    weights = w * P if cfg.lora.enabled else w * trained
+    grads, optim = w * trained, (8 + (4 if bf16 else 0)) * trained
+    shard = {"weights": z.stage >= 3, "grads": z.stage >= 2, "optim": z.stage >= 1}
+    gpu = cpu = 0.0
+    for part, size in (("weights", weights), ("grads", grads), ("optim", optim)):
+        size = size / N if shard[part] else size
+        # optimizer offload moves the optimizer state, and from stage 2 the gradient shards its step
+        # reads, to CPU memory (ZeRO-Offload); parameter offload moves the weights (stage 3)
+        on_cpu = ((part == "optim" and z.offload_optimizer) or (part == "grads" and z.offload_optimizer and z.stage >= 2)
+                  or (part == "weights" and z.offload_param))
+        if on_cpu:
+            cpu += size
+        else:
+            gpu += size
+    setup = (f"this recipe: {cfg.train.precision}, ZeRO-{z.stage}"
+             + (" + optimizer offload" if z.offload_optimizer else "") + (" + parameter offload" if z.offload_param else "")
+             + (f", LoRA r={cfg.lora.r}" if cfg.lora.enabled else ""))
+    trained_name = "P_lora" if cfg.lora.enabled else "P"
+    formula = f"{w}P weights + {w}{trained_name} grads + {8 + (4 if bf16 else 0)}{trained_name} optimizer"
+    return {"setup": setup, "gpu_gb": gpu / GB, "cpu_gb": cpu / GB, "formula": formula}
+
+
 def report(cfg, gpus: int) -> dict:
     from omegaconf import OmegaConf
 
@@ -74,6 +104,7 @@ def report(cfg, gpus: int) -> dict:
         "lora_parameters": P_lora, "lora_r": lora.r, "gpus": gpus, "unit": "GB = 1e9 bytes; model states only",
         "rows": estimate(P, gpus, P_lora),
         "rows_nominal": estimate(nominal, gpus, P_lora),
+        "recipe_row": recipe_row(cfg, P, P_lora, gpus),
     }
 
 
@@ -103,6 +134,8 @@ def main(argv=None) -> int:
         for row, nom in zip(out["rows"], out["rows_nominal"]):
             print(f"{row['setup']:58s} {row['formula']:34s} {row['gpu_gb']:9.1f} {row['cpu_gb']:9.1f} "
                   f"{nom['gpu_gb']:19.1f}")
+        row = out["recipe_row"]
+        print(f"{row['setup']:58s} {row['formula']:34s} {row['gpu_gb']:9.1f} {row['cpu_gb']:9.1f}")
     print(json.dumps(out, indent=None if not args.json else 2))
     return 0
 

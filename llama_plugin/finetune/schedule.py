@@ -22,15 +22,16 @@ def total_steps(cfg, epoch_samples: int) -> int:
     return min(total, t.max_steps) if t.max_steps is not None else total
 
 
-def warmup_steps(total: int, ratio: float) -> int:
-    return math.ceil(total * ratio)
+def warmup_steps(total: int, o) -> int:
+    """optimizer.warmup_steps when given, else ceil(warmup_ratio x total), as HF's TrainingArguments."""
+    return o.warmup_steps if o.warmup_steps is not None else math.ceil(total * o.warmup_ratio)
 
 
 def lr_at(step: int, o, total: int) -> float:
     """The lr of optimizer step `step` (0-based), as Hugging Face's schedules (which Alpaca trained
     with) give it: linear warm-up from 0 at step 0 to the peak at step `warm`, then cosine (or
     linear) decay towards 0 at `total`, or constant."""
-    warm = warmup_steps(total, o.warmup_ratio)
+    warm = warmup_steps(total, o)
     if step < warm:
         return o.lr * step / warm
     if o.schedule == "constant":

@@ -22,7 +22,8 @@ from llama_plugin.finetune.sft_formats import (ALPACA_PROMPT_NO_INPUT, ALPACA_PR
                                                Rendering, SftDataError)
 
 __all__ = ["ALPACA_PROMPT_NO_INPUT", "ALPACA_PROMPT_WITH_INPUT", "IGNORE_INDEX", "Record", "SftDataError", "SftDataset",
-           "Source", "collate", "load_tokenizer", "read_records", "read_sources", "tokenize_record"]
+           "Source", "collate", "load_tokenizer", "read_records", "read_sources", "tokenize_record",
+           "tokenize_records"]
 
 IGNORE_INDEX = -100
 
@@ -160,7 +161,25 @@ def load_tokenizer(tokenizer_model):
     if path.name != "tokenizer.model":
         folder = Path(tempfile.mkdtemp(prefix="sp_tokenizer_"))
         shutil.copyfile(path, folder / "tokenizer.model")
-    return LlamaTokenizer.from_pretrained(str(folder), add_bos_token=False, add_eos_token=False)
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder), add_bos_token=False, add_eos_token=False)
+    tokenizer.sentencepiece_model = str(path)  # tokenize_records encodes with SentencePiece itself
+    return tokenizer
+
+
+_SP = {}
+
+
+def _encoder(tokenizer):
+    """texts -> ids: SentencePiece's own batch encode for a tokenizer.model (2.5x the HF tokenizer's
+    speed, the same ids: tests/test_finetune.py), else the tokenizer's."""
+    path = getattr(tokenizer, "sentencepiece_model", None)
+    if path is None:
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if path not in _SP:
+        import sentencepiece as spm
+
+        _SP[path] = spm.SentencePieceProcessor(model_file=path)
+    return _SP[path].encode
 
 
 def tokenize_record(record: Record, tokenizer, max_length: int) -> dict:
@@ -168,38 +187,92 @@ def tokenize_record(record: Record, tokenizer, max_length: int) -> dict:
     them, turn by turn: BOS; each prompt and its response tokenized together (the response is not
     a sentence of its own, so it gets no extra "▁"), then EOS; the loss on the tokens after the
     first len(tokenize(prompt)) of the pair, EOS included; all cut at max_length."""
-    ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
-    prompt = ""
+    return tokenize_records([record], tokenizer, max_length)[0]
+
+
+def tokenize_records(records: list[Record], tokenizer, max_length: int, chunk: int = 8192) -> list[dict]:
+    """tokenize_record for many records, the texts encoded in batches (one call into the
+    tokenizer per `chunk` records instead of two per turn)."""
+    out, encode = [], _encoder(tokenizer)
+    for start in range(0, len(records), chunk):
+        turns = [_turns(r) for r in records[start:start + chunk]]
+        joint = [prompt + (response or "") for pairs in turns for prompt, response in pairs]
+        prompts = [prompt for pairs in turns for prompt, response in pairs if response is not None and prompt]
+        joint_ids, prompt_ids = iter(encode(joint)), iter(encode(prompts))
+        for pairs in turns:
+            ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+            for prompt, response in pairs:
+                if response is None:  # a prompt without a response (the parsers refuse one): no loss
+                    tail = next(joint_ids)
+                    ids += tail
+                    labels += [IGNORE_INDEX] * len(tail)
+                    continue
+                pair = next(joint_ids) + [tokenizer.eos_token_id]
+                masked = len(next(prompt_ids)) if prompt else 0
+                ids += pair
+                labels += [IGNORE_INDEX] * masked + pair[masked:]
+            out.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+    return out
+
+
+def _turns(record: Record) -> list[tuple[str, str | None]]:
+    """(prompt, response) per turn; response None for a trailing prompt."""
+    pairs, prompt = [], ""
     for text, carries_loss in record.segments:
-        if not carries_loss:
+        if carries_loss:
+            pairs.append((prompt, text))
+            prompt = ""
+        else:
             prompt += text
-            continue
-        pair = tokenizer.encode(prompt + text, add_special_tokens=False) + [tokenizer.eos_token_id]
-        masked = len(tokenizer.encode(prompt, add_special_tokens=False)) if prompt else 0
-        ids += pair
-        labels += [IGNORE_INDEX] * masked + pair[masked:]
-        prompt = ""
-    if prompt:  # a prompt without a response (the parsers refuse one): no loss
-        tail = tokenizer.encode(prompt, add_special_tokens=False)
-        ids += tail
-        labels += [IGNORE_INDEX] * len(tail)
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    return pairs + [(prompt, None)] if prompt else pairs
 
 
 class SftDataset:
-    """Tokenized samples of every source, concatenated in source order."""
+    """Tokenized samples of every source, concatenated in source order.
+
+    In a distributed run each of the W processes tokenizes every W-th record and the processes
+    exchange their shares as flat int32 arrays, so each holds all samples after about 1/W of the
+    encoding work (on 2 cores: 8.7 s instead of 13.6 s for 52K records; benchmarks/sft_load.py)."""
 
     def __init__(self, data_cfg, sources: list[Source] | None = None):
+        import torch.distributed as dist
+
         self.sources = sources if sources is not None else read_sources(data_cfg)
         self.tokenizer = load_tokenizer(data_cfg.tokenizer_model)
-        self.samples = [tokenize_record(r, self.tokenizer, data_cfg.max_length)
-                        for source in self.sources for r in source.records]
+        records = [r for source in self.sources for r in source.records]
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            self.samples = tokenize_records(records, self.tokenizer, data_cfg.max_length)
+            return
+        rank, world = dist.get_rank(), dist.get_world_size()
+        shares = [None] * world
+        dist.all_gather_object(shares, _pack(tokenize_records(records[rank::world], self.tokenizer,
+                                                              data_cfg.max_length)))
+        self.samples = [None] * len(records)
+        for r, share in enumerate(shares):
+            self.samples[r::world] = _unpack(share)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
         return self.samples[i]
+
+
+def _pack(samples: list[dict]):
+    import numpy as np
+
+    lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+    ids = np.array([t for s in samples for t in s["input_ids"]], dtype=np.int32)
+    labels = np.array([t for s in samples for t in s["labels"]], dtype=np.int32)
+    return lengths, ids, labels
+
+
+def _unpack(packed) -> list[dict]:
+    import numpy as np
+
+    lengths, ids, labels = packed
+    cuts = np.cumsum(lengths)[:-1]
+    return [{"input_ids": i, "labels": la} for i, la in zip(np.split(ids, cuts), np.split(labels, cuts))]
 
 
 def collate(samples: list[dict], pad_id: int = 0) -> dict:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -34,7 +35,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 RESUME_FIELDS = ("data.train_file", "data.format", "data.mixture", "data.max_length", "data.shuffle", "data.template",
                  "data.system_prompt", "data.oasst_languages", "data.oasst_top_k", "train.global_batch_size",
                  "train.seed", "train.epochs", "train.max_steps", "train.precision", "optimizer.lr",
-                 "optimizer.warmup_ratio", "optimizer.schedule", "optimizer.weight_decay", "optimizer.beta1",
+                 "optimizer.warmup_ratio", "optimizer.warmup_steps", "optimizer.schedule", "optimizer.weight_decay", "optimizer.beta1",
                  "optimizer.beta2", "optimizer.eps", "optimizer.clip_grad", "lora.enabled", "lora.r", "lora.alpha",
                  "lora.dropout", "lora.target_modules", "zero.stage")
 
@@ -156,7 +157,7 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
 
 def response_tokens(samples: list[dict]) -> int:
     """Tokens that carry loss (labels shifted by one, as the model predicts the next token)."""
-    return sum(sum(1 for label in s["labels"][1:] if label != IGNORE_INDEX) for s in samples)
+    return sum(int(np.count_nonzero(np.asarray(s["labels"][1:]) != IGNORE_INDEX)) for s in samples)
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -224,7 +225,7 @@ def run(cfg, sources=None) -> dict:
     if rank == 0:
         resolved = redact_secrets(OmegaConf.to_container(cfg))
         resolved["derived"] = {"world_size": world, "total_steps": total, "steps_per_epoch": per_epoch,
-                               "warmup_steps": schedule.warmup_steps(total, o.warmup_ratio),
+                               "warmup_steps": schedule.warmup_steps(total, o),
                                "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world),
                                "records": len(data), "deepspeed_config": ds_cfg,
                                "sources": [{"name": s.name, "format": s.format, "records": len(s.records),
