@@ -32,12 +32,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Fields a resume must share with the checkpoint: what the samples are and their order, the
 # schedule, the optimizer's update rule, the model being trained and its precision. Besides these,
 # base_model and data.tokenizer_model are compared by content (fingerprint below).
-RESUME_FIELDS = ("data.train_file", "data.format", "data.mixture", "data.max_length", "data.shuffle", "data.template",
-                 "data.system_prompt", "data.oasst_languages", "data.oasst_top_k", "train.global_batch_size",
-                 "train.seed", "train.epochs", "train.max_steps", "train.precision", "optimizer.lr",
-                 "optimizer.warmup_ratio", "optimizer.warmup_steps", "optimizer.schedule", "optimizer.weight_decay", "optimizer.beta1",
-                 "optimizer.beta2", "optimizer.eps", "optimizer.clip_grad", "lora.enabled", "lora.r", "lora.alpha",
-                 "lora.dropout", "lora.target_modules", "zero.stage")
+RESUME_FIELDS = (
+    "data.train_file", "data.format", "data.mixture", "data.max_length", "data.shuffle", "data.template",
+    "data.system_prompt", "data.oasst_languages", "data.oasst_top_k",
+    "train.global_batch_size", "train.seed", "train.epochs", "train.max_steps", "train.precision",
+    "optimizer.lr", "optimizer.warmup_ratio", "optimizer.warmup_steps", "optimizer.schedule", "optimizer.weight_decay",
+    "optimizer.beta1", "optimizer.beta2", "optimizer.eps", "optimizer.clip_grad",
+    "lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "zero.stage")
 
 
 def default_extensions_dir() -> None:
@@ -52,7 +53,8 @@ def load_recipe(argv: list[str]):
         return load_file(argv[1], argv[2:], FinetuneConfig)
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         raise RecipeError("usage: python -m llama_plugin.finetune <recipe> [overrides] (recipes: alpaca_7b, "
-                          "lora_7b, chat_7b, tiny_alpaca_cpu, tiny_lora_cpu, tiny_chat_cpu)")
+                          "lora_7b, chat_7b, vicuna_7b, koala_7b, oasst_7b, llama_i_7b, tiny_alpaca_cpu, "
+                          "tiny_lora_cpu, tiny_chat_cpu, tiny_mixture_cpu)")
     return compose(argv[0], argv[1:], FinetuneConfig)
 
 
