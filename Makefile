@@ -24,10 +24,11 @@ system:
 	fi
 
 # torch goes first and alone with its exact pin: anything looser pulls a multi-GB CUDA build.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-nodeps.txt
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet "$$(grep '^torch==' requirements.txt)"
 	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # kenlm (CCNet's perplexity filter in data_prep) builds from source with g++ from `system`.

