@@ -23,12 +23,16 @@ LIMIT = 12
 
 @pytest.fixture(scope="module")
 def tiny_model(demo_data, tmp_path_factory):
-    """A random tiny HF LLaMA (vocabulary of the demo tokenizer) with the tokenizer in its folder."""
+    """A random tiny HF LLaMA (vocabulary of the demo tokenizer) with the tokenizer saved in its folder
+    as LLaMA's is (LlamaTokenizer, BOS added), so AutoTokenizer, here and in lm-eval, loads it."""
+    from transformers import LlamaTokenizer
+
     from tests.conftest import make_hf_llama
 
     folder = tmp_path_factory.mktemp("eval_model")
     make_hf_llama(folder, vocab=1024, seed=5)
     shutil.copyfile(demo_data / "tokenizer.model", folder / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True, add_eos_token=False).save_pretrained(folder)
     return folder
 
 
@@ -67,8 +71,8 @@ def test_the_answer_rule_and_per_char_rule_by_hand(tiny_model, hf_results):
     for item, row in list(zip(olmo_items("openbookqa"), rows))[:3]:
         cond = [logp(x, c) for x, c in zip(item.contexts, item.continuations)]
         uncond = [logp("Answer:", c) for c in item.continuations]
-        assert row["loglikelihoods"] == pytest.approx(cond, abs=1e-4)
-        assert row["unconditional_loglikelihoods"] == pytest.approx(uncond, abs=1e-4)
+        assert row["loglikelihoods"] == pytest.approx(cond, rel=1e-6)
+        assert row["unconditional_loglikelihoods"] == pytest.approx(uncond, rel=1e-6)
         diff = [a - b for a, b in zip(cond, uncond)]
         assert row["llama_acc"] == diff.index(max(diff))
         per_char = [v / len(c.lstrip(" ")) for v, c in zip(cond, item.continuations)]
@@ -117,7 +121,7 @@ def test_a_missing_data_package_is_named(tiny_model, monkeypatch, capsys):
 
 def test_acc_and_acc_norm_equal_lm_evals_hf_model(tiny_model, hf_results, tmp_path):
     """The same 12 PIQA items through lm-eval's `hf` model (BOS added, as our default), from a
-    local task config reading them as JSONL: the same log-likelihoods within 1e-4 and exactly the
+    local task config reading them as JSONL: the same log-likelihoods within a relative 1e-6 and exactly the
     same acc and acc_norm, item by item."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -139,9 +143,30 @@ def test_acc_and_acc_norm_equal_lm_evals_hf_model(tiny_model, hf_results, tmp_pa
     assert len(samples) == len(ours["items"]) == LIMIT
     for sample, row in zip(samples, ours["items"]):
         theirs = [float(r[0][0]) for r in sample["resps"]]
-        assert row["loglikelihoods"] == pytest.approx(theirs, abs=1e-4)
+        assert row["loglikelihoods"] == pytest.approx(theirs, rel=1e-6)
         assert (float(row["acc"] == row["gold"]), float(row["acc_norm"] == row["gold"])) == (sample["acc"],
                                                                                              sample["acc_norm"])
     res = out["results"]["tiny_piqa"]
     assert ours["metrics"]["acc"]["value"] == res["acc,none"] and ours["metrics"]["acc_norm"]["value"] == res["acc_norm,none"]
     assert ours["metrics"]["acc"]["stderr"] == pytest.approx(res["acc_stderr,none"])
+
+
+def test_a_megatron_checkpoint_at_tp2_scores_as_its_hf_folder(tiny_model, hf_results, tmp_path):
+    """The HF folder converted to a megatron-core checkpoint and evaluated with TP=2 (2 processes,
+    gloo): every log-likelihood within a relative 1e-6 of the HF folder's (fp32 sums of ~100 token
+    log-probabilities near -700: about 1e-4 absolute), every metric equal."""
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.convert", "hf-to-mcore", "--hf", str(tiny_model),
+                        "--out", str(tmp_path / "mcore")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "results.json"
+    r = run_eval("--model", tmp_path / "mcore", "--tokenizer", tiny_model / "tokenizer.model", "--tp", 2,
+                 "--tasks", "piqa,openbookqa,boolq", "--limit", LIMIT, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mega, hf = json.loads(out.read_text()), hf_results[0]
+    assert mega["backend"] == "megatron" and mega["layout"] == {"tp": 2, "pp": 1}
+    for task in ("piqa", "openbookqa", "boolq"):
+        for a, b in zip(mega["tasks"][task]["items"], hf["tasks"][task]["items"]):
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], rel=1e-6)
+            if task != "piqa":  # the "Answer:" rule's second context
+                assert a["unconditional_loglikelihoods"] == pytest.approx(b["unconditional_loglikelihoods"], rel=1e-6)
+        assert mega["tasks"][task]["metrics"] == hf["tasks"][task]["metrics"]
