@@ -65,6 +65,9 @@ def main(argv=None) -> int:
                    "--temperature", "0.8", "--top-p", "0.9", "--seed", "1", "--tp", "2"], env)
     text = json.loads(sample.strip().splitlines()[-1])["text"]
 
+    from llama_plugin.report.plots import write_plots
+
+    plots = write_plots(run_dir, run_dir / "plots")  # loss, lr, grad norm, throughput over steps
     entropy, val = corpus["unigram_entropy_nats"], summary["val_loss"]
     report = {
         "corpus_tokens": corpus["tokens"],
@@ -77,9 +80,11 @@ def main(argv=None) -> int:
         "metrics_jsonl": summary["metrics_jsonl"],
         "wandb_offline_run": summary["wandb_dir"],
         "checkpoint": summary["checkpoint"],
+        "loss_plot": str(plots["loss"]),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(report, indent=2))
+    print(f"demo: loss plot {plots['loss']} (all plots: python -m llama_plugin.report {run_dir})")
     if val is None or val > entropy - args.margin:
         print(f"demo: validation loss {val} is not {args.margin} nats below the unigram entropy {entropy:.3f}",
               file=sys.stderr)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -201,6 +202,17 @@ def test_demo_short_run_lowers_validation_loss(tmp_path):
     assert report["final_val_loss"] < report["first_val_loss"] or report["first_val_loss"] == report["final_val_loss"]
     assert (tmp_path / "demo" / "run" / "metrics.jsonl").is_file()
     assert list((tmp_path / "demo" / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # the loss plot, and the report command over the same run
+    assert report["loss_plot"] == str(tmp_path / "demo" / "run" / "plots" / "loss.png")
+    assert Path(report["loss_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"demo: loss plot {report['loss_plot']}" in r.stdout
+    from llama_plugin.report.__main__ import main as report_main
+
+    assert report_main([str(tmp_path / "demo" / "run"), "--out", str(tmp_path / "plots")]) == 0
+    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"loss.png", "lr.png", "grad_norm.png",
+                                                                    "throughput.png"}
+    assert "![loss](loss.png)" in (tmp_path / "plots" / "report.md").read_text()
+    assert report_main([str(tmp_path)]) == 2  # no metrics.jsonl there
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
     python -m llama_plugin.eval --model <HF folder | megatron checkpoint> --tasks piqa,boolq,...
         [--shots 0] [--limit N] [--tokenizer tokenizer.model] [--data items.jsonl]
-        [--tp N --pp N] [--dtype fp32|bf16] [--batch-tokens 8192] [--no-bos] [--out results.json]
+        [--tp N --pp N] [--dtype fp32|bf16] [--batch-tokens 2048] [--no-bos] [--out results.json]
 
 Prints a Markdown table and one JSON line; --out also writes results.json (with every item's
 choices and log-likelihoods) and results.md. Bad input (unknown task or checkpoint, missing data
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="HF folder: weights and compute dtype")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="rows x longest row per forward")
+    p.add_argument("--batch-tokens", type=int, default=2048,
+                   help="rows x longest row per forward (on CPU 1-2K is fastest)")
     p.add_argument("--no-bos", action="store_true", help="no BOS before the context (lm-eval's default)")
     p.add_argument("--out", type=Path, help="write results.json here (and the table next to it as .md)")
     args = p.parse_args(argv)

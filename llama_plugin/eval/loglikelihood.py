@@ -39,7 +39,7 @@ def batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 def score_requests(pairs: list[tuple[list[int], list[int]]], logits_fn, max_length: int,
-                   batch_tokens: int = 8192) -> tuple[list[float], list[bool], dict]:
+                   batch_tokens: int = 2048) -> tuple[list[float], list[bool], dict]:
     """(sum of continuation log-probabilities, whether the continuation is the greedy one) per pair,
     and speed figures. `logits_fn(tokens [B, S] long) -> [B, S, V] float logits`, or None on a rank
     that holds no logits (a megatron rank before the last pipeline stage)."""
@@ -60,11 +60,11 @@ def score_requests(pairs: list[tuple[list[int], list[int]]], logits_fn, max_leng
             logits = logits_fn(rows)
         if logits is None:  # not the last pipeline stage: it took part in the forward; no scores here
             continue
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         for r, i in enumerate(batch):
             tokens, n = inputs[i]
             cont = torch.tensor(pairs[i][1])
-            scored = logprobs[r, len(tokens) - n:len(tokens)]
+            # only the positions that predict the continuation are normalized
+            scored = torch.log_softmax(logits[r, len(tokens) - n:len(tokens)].float(), dim=-1)
             lls[i] = float(scored.gather(-1, cont.unsqueeze(-1)).sum())
             greedy[i] = bool((scored.argmax(-1) == cont).all())
             tokens_done += len(tokens)
