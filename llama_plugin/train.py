@@ -227,6 +227,12 @@ def run(cfg, notes: list[str]) -> dict:
             print(f"[llama_plugin.train] {note}", flush=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run_config)))
 
+    benchmarks = None
+    if t.eval_tasks:
+        from llama_plugin.eval.in_loop import InLoopEval
+
+        benchmarks = InLoopEval(cfg, chunks)
+
     def validation() -> float | None:
         if valid_ds is None or t.eval_batches == 0:
             return None
@@ -377,7 +383,11 @@ def run(cfg, notes: list[str]) -> dict:
             if last_val is not None:
                 m["val/loss"] = last_val
                 first_val = last_val if first_val is None else first_val
-        if step % cfg.logging.log_interval == 0 or "val/loss" in m or spike or not ok:
+        if benchmarks and (step % (t.eval_tasks_interval or t.eval_interval) == 0 or step == t.steps):
+            t_eval = time.perf_counter()
+            m.update(benchmarks())
+            goodput.add("evaluation", time.perf_counter() - t_eval)
+        if step % cfg.logging.log_interval == 0 or m or spike or not ok:
             m.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "step_time_s": step_time,
                       "tokens_seen": step * G * seq, "train/skipped_update": int(not ok),
                       "stability/spikes": events["spikes"], "stability/rollbacks": events["rollbacks"],

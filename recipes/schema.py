@@ -137,6 +137,12 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 1000
     eval_batches: int = 10
+    # Benchmarks scored during training (llama_plugin/eval: piqa, boolq, hellaswag, ...), logged as
+    # eval/<task>/<metric> every eval_tasks_interval steps (null: eval_interval) and at the end, on
+    # the first eval_tasks_limit items of each (null: all), the requests shared over data-parallel ranks.
+    eval_tasks: List[str] = field(default_factory=list)
+    eval_tasks_interval: Optional[int] = None
+    eval_tasks_limit: Optional[int] = None
     save_interval: int = 1000
     keep_checkpoints: int = 2
     run_dir: str = "runs/${name}"

@@ -232,9 +232,20 @@ def test_metrics_reach_jsonl_and_wandb_offline(demo_data, tmp_path):
     from tests.wandb_reader import read_run
 
     run_dir = tmp_path / "run"
-    run(demo_data, run_dir, "logging.wandb_mode=offline", "train.steps=6", "train.eval_interval=3")
+    run(demo_data, run_dir, "logging.wandb_mode=offline", "train.steps=6", "train.eval_interval=3",
+        "train.eval_tasks=[piqa,boolq]", "train.eval_tasks_limit=6")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # in-loop benchmarks (TP=2 + sequence parallel) at the eval steps, equal to the offline command
+    # on the final checkpoint (loaded at TP=1)
+    evals = {f"eval/{t}/{m}" for t in ("piqa", "boolq") for m in ("acc", "acc_norm", "llama_acc")}
+    assert [r["step"] for r in rows if evals <= r.keys()] == [3, 6]
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.eval", "--model", str(run_dir / "checkpoints" / "step_00000006"),
+                        "--tokenizer", str(demo_data / "tokenizer.model"), "--tasks", "piqa,boolq", "--limit", "6"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    offline = json.loads(r.stdout.strip().splitlines()[-1])["tasks"]
+    assert {f"eval/{t}/{m}": v for t, ms in offline.items() for m, v in ms.items()} == {k: rows[-1][k] for k in evals}
     names = {"train/loss", "train/lr", "train/grad_norm", "throughput/tokens_per_sec",
              "throughput/tokens_per_sec_per_gpu", "throughput/tflops_per_gpu", "throughput/mfu",
              "memory/max_allocated_gb", "step_time_s", "tokens_seen", "data/books_share"}
@@ -248,7 +259,7 @@ def test_metrics_reach_jsonl_and_wandb_offline(demo_data, tmp_path):
     assert exit_code == 0  # the file is complete
     assert [h["_step"] for h in history] == [1, 2, 3, 4, 5, 6]
     for h, r in zip(history, rows):
-        for name in names | ({"val/loss"} if "val/loss" in r else set()):
+        for name in names | ({"val/loss"} | evals if "val/loss" in r else set()):
             assert h[name] == pytest.approx(r[name], rel=1e-12), name
     assert config["model"]["hidden_size"] == 128 and config["optimizer"]["beta2"] == 0.95
     assert config["derived"]["peak_flops_source"].startswith("CPU: measured")

@@ -39,10 +39,11 @@ def batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 def score_requests(pairs: list[tuple[list[int], list[int]]], logits_fn, max_length: int,
-                   batch_tokens: int = 2048) -> tuple[list[float], list[bool], dict]:
+                   batch_tokens: int = 2048, pad_multiple: int = 1) -> tuple[list[float], list[bool], dict]:
     """(sum of continuation log-probabilities, whether the continuation is the greedy one) per pair,
     and speed figures. `logits_fn(tokens [B, S] long) -> [B, S, V] float logits`, or None on a rank
-    that holds no logits (a megatron rank before the last pipeline stage)."""
+    that holds no logits (a megatron rank before the last pipeline stage). Rows are padded to a
+    multiple of `pad_multiple` (tensor-parallel size under sequence parallelism)."""
     inputs = []
     for ctx, cont in pairs:
         if not cont:
@@ -52,7 +53,7 @@ def score_requests(pairs: list[tuple[list[int], list[int]]], logits_fn, max_leng
     lls, greedy = [0.0] * len(pairs), [False] * len(pairs)
     start, tokens_done = time.perf_counter(), 0
     for batch in batches([len(t) for t, _ in inputs], batch_tokens):
-        width = len(inputs[batch[0]][0])
+        width = -(-len(inputs[batch[0]][0]) // pad_multiple) * pad_multiple  # sequence parallel splits it
         rows = torch.zeros(len(batch), width, dtype=torch.long)
         for r, i in enumerate(batch):
             rows[r, :len(inputs[i][0])] = torch.tensor(inputs[i][0])
