@@ -170,3 +170,30 @@ def test_a_megatron_checkpoint_at_tp2_scores_as_its_hf_folder(tiny_model, hf_res
             if task != "piqa":  # the "Answer:" rule's second context
                 assert a["unconditional_loglikelihoods"] == pytest.approx(b["unconditional_loglikelihoods"], rel=1e-6)
         assert mega["tasks"][task]["metrics"] == hf["tasks"][task]["metrics"]
+
+
+def test_contamination_finds_the_planted_items_and_no_others(demo_data, tmp_path, capsys):
+    """A training set tokenized by data_prep (the demo book's documents plus two documents that
+    quote PIQA items 3 and 7, each inside other text): exactly those two are reported among the
+    first 30 items; with the planted documents left out, none."""
+    from data_prep.tokenize_docs import tokenize_jsonl
+    from llama_plugin.eval.__main__ import main
+
+    items = olmo_items("piqa")[:30]
+    book = [json.loads(line)["text"] for line in (demo_data / "jsonl" / "books.jsonl").open()][:200]
+
+    def planted(i):
+        item = items[i]
+        return f"Some forum post. {item.contexts[item.gold]}{item.continuations[item.gold]} Thanks for reading."
+
+    for name, docs in (("clean", book), ("planted", book[:100] + [planted(3)] + book[100:] + [planted(7)])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        tokenize_jsonl(tmp_path / f"{name}.jsonl", demo_data / "tokenizer.model", tmp_path / name)
+    for name, expected in (("planted", [items[3].id, items[7].id]), ("clean", [])):
+        assert main(["contamination", "--data", str(tmp_path / name), "--tokenizer", str(demo_data / "tokenizer.model"),
+                     "--tasks", "piqa", "--limit", "30"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tasks"]["piqa"]
+        assert (report["ids"], report["items"]) == (expected, 30), name
+    assert main(["contamination", "--data", str(tmp_path / "absent"), "--tokenizer",
+                 str(demo_data / "tokenizer.model"), "--tasks", "piqa"]) == 2
+    assert "absent.bin / .idx not found" in capsys.readouterr().err

