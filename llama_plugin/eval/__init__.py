@@ -6,6 +6,7 @@ rule and by lm-eval's, on HF folders and megatron-core checkpoints in any TP/PP 
     scoring.py        acc, acc_norm (per character) and llama_acc ("Answer:" rule for OpenBookQA, BoolQ)
     contamination.py  items sharing a 13-gram of tokens with a tokenized training set
     in_loop.py        benchmarks scored on the model being trained (train.eval_tasks)
+    lm_eval_model.py  lm-eval's model class `llama_mcore` over our megatron checkpoints
     backends.py       HF folder in-process, megatron checkpoint in its TP x PP layout
     __main__.py       the command: results as JSON and a Markdown table
 """
