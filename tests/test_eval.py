@@ -238,3 +238,49 @@ def test_lm_eval_agrees_with_us_and_serves_our_checkpoint(tiny_model, mcore_ckpt
     assert (res["ours"]["acc"], res["ours"]["acc_norm"]) == (res["hf"]["acc"], res["hf"]["acc_norm"])
     assert res["rolling"][0] == pytest.approx(res["rolling"][1], rel=1e-6) and res["rolling"][0] < -50
     assert res["generate"][0] == res["generate"][1] and all(res["generate"][0])
+
+
+def test_memorization_of_a_repeated_span_and_not_of_unseen_ones(demo_data, tmp_path, capsys):
+    """A tiny HF LLaMA trained only on one 100-token span: sampled from a source holding that span 8
+    times, all 50-token continuations come back exactly; from the book's other documents (never
+    trained on), none; the breakdown by repeat count says the same."""
+    import numpy as np
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from transformers import LlamaForCausalLM
+
+    from llama_plugin.eval.__main__ import main
+    from tests.conftest import make_hf_llama
+
+    sp = spm.SentencePieceProcessor(model_file=str(demo_data / "tokenizer.model"))
+    docs = [sp.encode(json.loads(line)["text"]) for line in (demo_data / "jsonl" / "books.jsonl").open()]
+    docs = [d for d in docs if len(d) >= 100]
+    span, others = docs[0][:100], docs[1:41]
+
+    def write(name, token_lists):
+        builder = IndexedDatasetBuilder(str(tmp_path / f"{name}.bin"), dtype=np.uint16)
+        for tokens in token_lists:
+            builder.add_document(torch.tensor(tokens, dtype=torch.int64), [len(tokens)])
+        builder.finalize(str(tmp_path / f"{name}.idx"))
+
+    write("repeated", [span] * 8)
+    write("book", others)
+    folder = tmp_path / "model"
+    make_hf_llama(folder, vocab=1024, seed=7)
+    model = LlamaForCausalLM.from_pretrained(str(folder))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.tensor([span])
+    for _ in range(150):
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    model.save_pretrained(folder)
+    assert main(["memorization", "--model", str(folder), "--data", str(tmp_path / "repeated"), "--data",
+                 str(tmp_path / "book"), "--samples", "12", "--seed", "3"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by_source = report["by_source"]
+    assert (by_source["repeated"], by_source["book"]) == ({"spans": 12, "exact_match_rate": 1.0},
+                                                          {"spans": 12, "exact_match_rate": 0.0})
+    assert report["by_repeats"]["8"]["exact_match_rate"] == 1.0 and report["by_repeats"]["1"]["exact_match_rate"] == 0.0

@@ -5,6 +5,9 @@ rule and by lm-eval's, on HF folders and megatron-core checkpoints in any TP/PP 
     loglikelihood.py  log P(continuation | context), encoded as lm-eval does, batched longest first
     scoring.py        acc, acc_norm (per character) and llama_acc ("Answer:" rule for OpenBookQA, BoolQ)
     contamination.py  items sharing a 13-gram of tokens with a tokenized training set
+    memorization.py   PaLM's test: 50-token prefixes of training spans, greedy 50, exact matches
+    generative.py     exact match, GSM8K answers, maj1@k, pass@k
+    execution.py      the sandbox HumanEval programs run in
     in_loop.py        benchmarks scored on the model being trained (train.eval_tasks)
     lm_eval_model.py  lm-eval's model class `llama_mcore` over our megatron checkpoints
     backends.py       HF folder in-process, megatron checkpoint in its TP x PP layout

@@ -5,6 +5,7 @@
         [--tp N --pp N] [--dtype fp32|bf16] [--batch-tokens 2048] [--no-bos] [--out results.json]
 
     python -m llama_plugin.eval contamination --data PREFIX --tokenizer F --tasks ... (contamination.py)
+    python -m llama_plugin.eval memorization --model HF_FOLDER --data PREFIX ... (memorization.py)
 
 Prints a Markdown table and one JSON line; --out also writes results.json (with every item's
 choices and log-likelihoods) and results.md. Bad input (unknown task or checkpoint, missing data
@@ -66,6 +67,10 @@ def main(argv=None) -> int:
         from llama_plugin.eval.contamination import main as contamination
 
         return contamination(argv[1:])
+    if argv[:1] == ["memorization"]:
+        from llama_plugin.eval.memorization import main as memorization
+
+        return memorization(argv[1:])
     p = argparse.ArgumentParser(prog="python -m llama_plugin.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True, help="HF folder or megatron-core checkpoint directory")
     p.add_argument("--tasks", default="", help=f"comma-separated: {', '.join(OLMO_TASKS)}")

@@ -23,10 +23,13 @@ import numpy as np
 
 from llama_plugin.eval.tasks import OLMO_TASKS, EvalError, olmo_items
 
-_MULTIPLIERS = np.random.default_rng(13).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+_MULTIPLIERS = np.random.default_rng(13).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
 
 
 def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit hash of every window of n tokens (n <= 4096)."""
+    if n > len(_MULTIPLIERS):
+        raise EvalError(f"n-grams of {n} tokens: at most {len(_MULTIPLIERS)}")
     if len(tokens) < n:
         return np.empty(0, dtype=np.uint64)
     windows = np.lib.stride_tricks.sliding_window_view(tokens.astype(np.uint64), n)
