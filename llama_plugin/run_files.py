@@ -82,3 +82,12 @@ class StopRequest:
         flag = torch.tensor([1 if asked else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: a reader sees the old file or
+    the whole new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from llama_plugin.eval.backends import hf_scores, megatron_scores, model_kind, load_tokenizer
 from llama_plugin.eval.tasks import OLMO_TASKS, EvalError, jsonl_items, olmo_items
+from llama_plugin.run_files import write_text_atomic
 
 DTYPES = ("fp32", "bf16")
 
@@ -100,10 +100,8 @@ def main(argv=None) -> int:
     table = markdown(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        for path, text in ((args.out, json.dumps(results, indent=1) + "\n"), (args.out.with_suffix(".md"), table)):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        write_text_atomic(args.out, json.dumps(results, indent=1) + "\n")
+        write_text_atomic(args.out.with_suffix(".md"), table)
     print(table, end="")
     summary = {t: {m: v["value"] for m, v in r["metrics"].items()} for t, r in results["tasks"].items()}
     print(json.dumps({"tasks": summary, "speed": results["speed"]}), flush=True)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from llama_plugin.eval.tasks import OLMO_TASKS, EvalError, olmo_items
+from llama_plugin.run_files import write_text_atomic
 
 _MULTIPLIERS = np.random.default_rng(13).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
 
@@ -87,8 +87,6 @@ def main(argv) -> int:
         report["tasks"][task] = {"items": len(task_items), "contaminated": len(ids),
                                  "share": len(ids) / len(task_items), "ids": ids}
     if args.out:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
     print(json.dumps(report), flush=True)
     return 0

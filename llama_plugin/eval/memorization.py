@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from llama_plugin.eval.contamination import ngram_hashes
 from llama_plugin.eval.tasks import EvalError
+from llama_plugin.run_files import write_text_atomic
 
 
 def load_sources(prefixes: list[str]) -> dict:
@@ -117,8 +117,6 @@ def main(argv) -> int:
               "by_source": {name: rate([n == name for n, _ in spans]) for name in sources},
               "by_repeats": {str(r): rate([x == r for x in repeats]) for r in sorted(set(repeats))}}
     if args.out:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
     print(json.dumps(report), flush=True)
     return 0

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from llama_plugin.report.plots import ReportError, read_rows, write_plots
+from llama_plugin.run_files import write_text_atomic
 
 
 def main(argv=None) -> int:
@@ -29,9 +30,7 @@ def main(argv=None) -> int:
     lines = [f"# {args.run_dir.name}", "", f"{len(rows)} logged steps, the last at step {last['step']}.", ""]
     lines += [f"![{name}]({os.path.relpath(path, out)})" for name, path in written.items()]
     md = out / "report.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, md)
+    write_text_atomic(md, "\n".join(lines) + "\n")
     print(json.dumps({"plots": {k: str(v) for k, v in written.items()}, "report": str(md)}), flush=True)
     return 0
 
