@@ -284,3 +284,18 @@ def test_memorization_of_a_repeated_span_and_not_of_unseen_ones(demo_data, tmp_p
     assert (by_source["repeated"], by_source["book"]) == ({"spans": 12, "exact_match_rate": 1.0},
                                                           {"spans": 12, "exact_match_rate": 0.0})
     assert report["by_repeats"]["8"]["exact_match_rate"] == 1.0 and report["by_repeats"]["1"]["exact_match_rate"] == 0.0
+
+
+def test_a_continuation_longer_than_the_window_is_scored_on_its_last_tokens():
+    """Uniform logits over 8 tokens: every scored token costs log 8. A window of 5 (max_length)
+    holds 5 predictions, so a 10-token continuation is scored on its last 5 and counted as cut."""
+    import math
+
+    from llama_plugin.eval.loglikelihood import score_requests
+
+    def uniform(tokens):
+        return torch.zeros(*tokens.shape, 8)
+
+    lls, greedy, speed = score_requests([([1, 2], [3] * 10), ([1, 2], [3, 4])], uniform, max_length=5)
+    assert lls == pytest.approx([-5 * math.log(8), -2 * math.log(8)])
+    assert speed["continuations_cut"] == 1 and greedy == [False, False]

@@ -4,7 +4,9 @@ megatron-core checkpoint in any TP/PP layout.
 Requests are encoded as lm-eval's HF model does (`_encode_pair`): trailing spaces of the context
 move to the continuation; the continuation's tokens are those of encode(context + continuation)
 after the first len(encode(context)); BOS first when `add_bos` (LLaMA was trained with one on every
-sequence; lm-eval's `add_bos_token`). Contexts are cut from the left to fit the model's length.
+sequence; lm-eval's `add_bos_token`). Contexts are cut from the left to fit the model's length; a
+continuation longer than the whole window is scored on its last tokens (counted in the speed
+figures as continuations_cut).
 Requests run longest first in batches of about `batch_tokens` tokens, right-padded (the models are
 causal, so padding after a request changes none of its logits), and each result is returned in
 request order.
@@ -49,7 +51,9 @@ def score_requests(pairs: list[tuple[list[int], list[int]]], logits_fn, max_leng
         if not cont:
             raise ValueError("a request with an empty continuation")
         tokens = (ctx + cont)[-(max_length + 1):][:-1]  # the last token is only predicted
-        inputs.append((tokens, len(cont)))
+        # a continuation longer than the window keeps its last len(tokens) tokens (lm-eval's
+        # window, made safe): the ones cut off have no context to be scored in
+        inputs.append((tokens, min(len(cont), len(tokens))))
     lls, greedy = [0.0] * len(pairs), [False] * len(pairs)
     start, tokens_done = time.perf_counter(), 0
     for batch in batches([len(t) for t, _ in inputs], batch_tokens):
@@ -63,14 +67,15 @@ def score_requests(pairs: list[tuple[list[int], list[int]]], logits_fn, max_leng
             continue
         for r, i in enumerate(batch):
             tokens, n = inputs[i]
-            cont = torch.tensor(pairs[i][1])
+            cont = torch.tensor(pairs[i][1][-n:])
             # only the positions that predict the continuation are normalized
             scored = torch.log_softmax(logits[r, len(tokens) - n:len(tokens)].float(), dim=-1)
             lls[i] = float(scored.gather(-1, cont.unsqueeze(-1)).sum())
             greedy[i] = bool((scored.argmax(-1) == cont).all())
             tokens_done += len(tokens)
     seconds = time.perf_counter() - start
-    return lls, greedy, {"requests": len(pairs), "tokens": tokens_done, "seconds": seconds,
+    cut = sum(n < len(cont) for (_, n), (_, cont) in zip(inputs, pairs))
+    return lls, greedy, {"requests": len(pairs), "tokens": tokens_done, "seconds": seconds, "continuations_cut": cut,
                          "tokens_per_s": tokens_done / seconds if seconds else None}
 
 
