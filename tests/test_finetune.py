@@ -933,3 +933,14 @@ def test_memory_cli_prints_the_formulas(capsys):
     assert "P = 6,738,415,616 parameters" in text and "16 P" in text and "4P + 16 P_lora" in text
     assert " 112.0" in text and "16P/N" in text
     assert main(["alpaca_7b", "--gpus", "0"]) == 2
+
+
+def test_llama_i_mmlu_five_shot_is_one_command_on_the_export(ds_runs, tmp_path, capsys):
+    """LLaMA-I's measure after an instruction fine-tune: MMLU 5-shot on the exported HF folder."""
+    from llama_plugin.eval.__main__ import main
+
+    out = tmp_path / "mmlu.json"
+    assert main(["--model", str(ds_runs["zero2"] / "hf_export"), "--tasks", "mmlu", "--shots", "5", "--limit", "8",
+                 "--out", str(out)]) == 0
+    m = json.loads(out.read_text())["tasks"]["mmlu"]["metrics"]["acc"]
+    assert m["n"] == 8 and 0 <= m["value"] <= 1 and "| mmlu | 8 |" in capsys.readouterr().out

