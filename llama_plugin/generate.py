@@ -65,10 +65,11 @@ def pick_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: flo
 
 def generate_ids(model, prompt: list[int], max_new_tokens: int, *, greedy=True, temperature=1.0,
                  top_p=1.0, seed=0, eos_id: int | None = None, max_length: int | None = None,
-                 vocab_limit: int | None = None) -> list[int]:
+                 vocab_limit: int | None = None, should_stop=None) -> list[int]:
     """New token ids after `prompt`; collective over the model-parallel group.
 
     `vocab_limit`: sample only ids below it (a model vocabulary padded past the tokenizer's).
+    `should_stop(new_ids) -> bool`: end early (a stop string); every rank must decide alike.
     """
     gen = torch.Generator().manual_seed(seed)
     tokens = list(prompt)
@@ -85,6 +86,8 @@ def generate_ids(model, prompt: list[int], max_new_tokens: int, *, greedy=True, 
             dist.broadcast(nxt, src=last_rank, group=parallel_state.get_pipeline_model_parallel_group())
         tokens.append(int(nxt[0]))
         if eos_id is not None and tokens[-1] == eos_id:
+            break
+        if should_stop is not None and should_stop(tokens[len(prompt):]):
             break
     return tokens[len(prompt):]
 

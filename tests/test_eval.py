@@ -45,7 +45,8 @@ def run_eval(*args, timeout=600):
 @pytest.fixture(scope="module")
 def hf_results(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_out") / "results.json"
-    r = run_eval("--model", tiny_model, "--tasks", "piqa,openbookqa,boolq,mmlu", "--limit", LIMIT, "--out", out)
+    r = run_eval("--model", tiny_model, "--tasks", "piqa,openbookqa,boolq,mmlu,nq", "--limit", LIMIT,
+                 "--max-new-tokens", 6, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text()), r.stdout, out
 
@@ -100,6 +101,9 @@ def test_markdown_table_and_stderr(hf_results):
     (["--tasks", "piqa", "--model", "nowhere"], "--model: nowhere is neither"),
     (["--data", "missing.jsonl"], "--data: missing.jsonl not found"),
     (["--tasks", "mmlu", "--shots", "6"], "--shots: 6 is more than the 5 dev items of MMLU's abstract_algebra"),
+    (["--tasks", "nq", "--shots", "65"], "--shots: nq takes 0 to 64 shots (got 65)"),
+    (["--tasks", "gsm8k", "--shots", "5"], "--shots: gsm8k has its 8 chain-of-thought shots only"),
+    (["--tasks", "humaneval", "--samples", "0"], "--samples: must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_model, args, message, capsys):
     from llama_plugin.eval.__main__ import main
@@ -136,7 +140,7 @@ def test_a_megatron_checkpoint_at_tp2_scores_as_its_hf_folder(tiny_model, mcore_
     log-probabilities near -700: about 1e-4 absolute), every metric equal."""
     out = tmp_path / "results.json"
     r = run_eval("--model", mcore_ckpt, "--tokenizer", tiny_model / "tokenizer.model", "--tp", 2,
-                 "--tasks", "piqa,openbookqa,boolq", "--limit", LIMIT, "--out", out)
+                 "--tasks", "piqa,openbookqa,boolq,nq", "--limit", LIMIT, "--max-new-tokens", 6, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     mega, hf = json.loads(out.read_text()), hf_results[0]
     assert mega["backend"] == "megatron" and mega["layout"] == {"tp": 2, "pp": 1}
@@ -146,6 +150,29 @@ def test_a_megatron_checkpoint_at_tp2_scores_as_its_hf_folder(tiny_model, mcore_
             if task != "piqa":  # the "Answer:" rule's second context
                 assert a["unconditional_loglikelihoods"] == pytest.approx(b["unconditional_loglikelihoods"], rel=1e-6)
         assert mega["tasks"][task]["metrics"] == hf["tasks"][task]["metrics"]
+    # greedy generation (NaturalQuestions, stop at a line break): the same text in both layouts
+    assert [r["generations"] for r in mega["tasks"]["nq"]["items"]] == [r["generations"] for r in hf["tasks"]["nq"]["items"]]
+
+
+def test_greedy_generation_is_transformers_generate(tiny_model, hf_results):
+    """NaturalQuestions answers as transformers' own greedy `generate` gives them from the same
+    prompt (BOS + the paper's prompt), cut at the first line break: the KV-cached loop and its stop
+    rule change nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llama_plugin.eval.generation_tasks import generation_items
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    rows = hf_results[0]["tasks"]["nq"]["items"]
+    assert hf_results[0]["tasks"]["nq"]["metrics"]["exact_match"]["n"] == LIMIT
+    for item, row in list(zip(generation_items("nq", 0), rows))[:4]:
+        prompt = tok(item.prompt, return_tensors="pt").input_ids
+        assert int(prompt[0, 0]) == tok.bos_token_id
+        ids = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.eos_token_id)[0].tolist()
+        text = tok.decode(ids, skip_special_tokens=True)[len(tok.decode(prompt[0], skip_special_tokens=True)):]
+        assert row["generations"] == [text.split("\n")[0]], (row, text)
 
 
 def test_contamination_finds_the_planted_items_and_no_others(demo_data, tmp_path, capsys):
@@ -244,7 +271,8 @@ def test_lm_eval_agrees_with_us_and_serves_our_checkpoint(tiny_model, mcore_ckpt
 def test_memorization_of_a_repeated_span_and_not_of_unseen_ones(demo_data, tmp_path, capsys):
     """A tiny HF LLaMA trained only on one 100-token span: sampled from a source holding that span 8
     times, all 50-token continuations come back exactly; from the book's other documents (never
-    trained on), none; the breakdown by repeat count says the same."""
+    trained on), none; the breakdown by repeat count says the same. Converted to a megatron-core
+    checkpoint, it gives the same verdict span by span (the TP=2 generation path: the TP=2 test)."""
     import numpy as np
     import sentencepiece as spm
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -278,13 +306,22 @@ def test_memorization_of_a_repeated_span_and_not_of_unseen_ones(demo_data, tmp_p
         opt.step()
     assert loss.item() < 0.05
     model.save_pretrained(folder)
-    assert main(["memorization", "--model", str(folder), "--data", str(tmp_path / "repeated"), "--data",
-                 str(tmp_path / "book"), "--samples", "12", "--seed", "3"]) == 0
+    data = ["--data", str(tmp_path / "repeated"), "--data", str(tmp_path / "book"), "--samples", "6", "--seed", "3"]
+    assert main(["memorization", "--model", str(folder), *data, "--out", str(tmp_path / "hf.json")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     by_source = report["by_source"]
-    assert (by_source["repeated"], by_source["book"]) == ({"spans": 12, "exact_match_rate": 1.0},
-                                                          {"spans": 12, "exact_match_rate": 0.0})
+    assert (by_source["repeated"], by_source["book"]) == ({"spans": 6, "exact_match_rate": 1.0},
+                                                          {"spans": 6, "exact_match_rate": 0.0})
     assert report["by_repeats"]["8"]["exact_match_rate"] == 1.0 and report["by_repeats"]["1"]["exact_match_rate"] == 0.0
+    # the same model as a megatron-core checkpoint (its own process): the same verdict on every span
+    mcore = tmp_path / "mcore"
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.convert", "hf-to-mcore", "--hf", str(folder), "--out",
+                        str(mcore)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_eval("memorization", "--model", mcore, *data, "--out", tmp_path / "mcore.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    hf_spans, mcore_spans = (json.loads((tmp_path / f).read_text())["spans"] for f in ("hf.json", "mcore.json"))
+    assert mcore_spans == hf_spans and len(hf_spans) == 12
 
 
 def test_a_continuation_longer_than_the_window_is_scored_on_its_last_tokens():

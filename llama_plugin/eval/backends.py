@@ -85,3 +85,28 @@ def megatron_scores(args, pairs):
     return got["lls"], got["greedy"], got["speed"]
 
 
+
+
+def generate_texts(args, kind: str, items: list, samples: int, greedy: bool, temperature: float,
+                   top_p: float, max_new_tokens) -> tuple[list[list[str]], dict]:
+    """`samples` generations per item (text before the item's first stop string), from either backend.
+    Sample s of the i-th item is seeded with (args.seed, i, s): it does not depend on --limit or on
+    the other tasks. `max_new_tokens(item) -> int`."""
+    import torch
+
+    from llama_plugin.eval.decoding import Request, continuation_text, finish_text, hf_generate, megatron_generate
+
+    tok = load_tokenizer(args, kind)
+    bos = [] if args.no_bos else [tok.bos_token_id]
+    requests = []
+    for i, item in enumerate(items):
+        prompt = tuple(bos + tok.encode(item.prompt, add_special_tokens=False))
+        requests += [Request(prompt, max_new_tokens(item), greedy, temperature, top_p,
+                             seed=args.seed + 1_000_003 * i + s, stop=item.stop) for s in range(samples)]
+    if kind == "hf":
+        ids, speed = hf_generate(args.model, torch.bfloat16 if args.dtype == "bf16" else torch.float32, requests,
+                                 tok, vocab_limit=len(tok))
+    else:
+        ids, speed = megatron_generate(args.model, args.tp, args.pp, str(args.tokenizer), requests)
+    texts = [finish_text(continuation_text(tok, r.prompt, new), r.stop) for r, new in zip(requests, ids)]
+    return [texts[i * samples:(i + 1) * samples] for i in range(len(items))], speed

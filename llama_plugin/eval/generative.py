@@ -1,5 +1,7 @@
 """Scores of generated answers, as the LLaMA paper reports them.
 
+    qa_answer     NaturalQuestions / TriviaQA: a generation up to its first line break, comma or
+                  sentence-ending period (the LLaMA paper's answer extraction)
     exact_match   NaturalQuestions / TriviaQA: the answer normalized as SQuAD's evaluation does
                   (lower case, no punctuation, no articles a/an/the, single spaces) equal to any
                   normalized reference
@@ -9,16 +11,24 @@
                   is right
     pass_at_k     HumanEval's unbiased estimator from n samples with c correct (Chen et al., 2021):
                   1 - C(n - c, k) / C(n, k), computed as a product to stay exact for large n
+    task_metrics  a task's metric from its items' generations: exact_match (NQ, TriviaQA), maj1@k
+                  (GSM8K, k = samples per item), pass@k for k in 1, 10, 100 up to the samples
+                  (HumanEval, programs run in execution.py's sandbox); each with n and the standard
+                  error of the per-item scores' mean
 """
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections import Counter
 
 import numpy as np
 
+from llama_plugin.eval.scoring import mean_and_stderr
+
+_QA_END = re.compile(r"\n|,|\.(?=\s|$)")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -28,6 +38,10 @@ def normalize_answer(text: str) -> str:
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
+
+
+def qa_answer(generation: str) -> str:
+    return _QA_END.split(generation, maxsplit=1)[0].strip()
 
 
 def exact_match(prediction: str, references: list[str]) -> float:
@@ -59,3 +73,43 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def task_metrics(items: list, generations: list[list[str]], timeout_s: float = 10.0) -> tuple[dict, list[dict]]:
+    """{metric: {value, stderr, n}} and one row per item; generations[i] are item i's samples (text
+    before the stop strings)."""
+    task, samples = items[0].task, len(generations[0])
+    rows = [{"id": it.id, "generations": g} for it, g in zip(items, generations)]
+    if task in ("nq", "triviaqa"):
+        for row, item in zip(rows, items):
+            row["answer"] = qa_answer(row["generations"][0])
+            row["exact_match"] = exact_match(row["answer"], list(item.references))
+        return {"exact_match": mean_and_stderr([r["exact_match"] for r in rows])}, rows
+    if task == "gsm8k":
+        name = f"maj1@{samples}"
+        for row, item in zip(rows, items):
+            row["answers"] = [gsm8k_answer(g) for g in row["generations"]]
+            row[name] = maj_at_k(row["answers"], item.references[0])
+        return {name: mean_and_stderr([r[name] for r in rows])}, rows
+    if task == "humaneval":
+        from concurrent.futures import ThreadPoolExecutor
+
+        from llama_plugin.eval.execution import humaneval_program, isolation, run_program
+
+        jobs = [humaneval_program(it.prompt, g, it.test, it.entry_point) for it, gs in zip(items, generations) for g in gs]
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            outcomes = list(pool.map(lambda src: run_program(src, timeout_s=timeout_s), jobs))
+        metrics = {}
+        for i, row in enumerate(rows):
+            mine = outcomes[i * samples:(i + 1) * samples]
+            row["outcomes"] = [o.reason for o in mine]
+            row["correct"] = sum(o.passed for o in mine)
+        for k in (1, 10, 100):
+            if k <= samples:
+                for row in rows:
+                    row[f"pass@{k}"] = pass_at_k(samples, row["correct"], k)
+                metrics[f"pass@{k}"] = mean_and_stderr([r[f"pass@{k}"] for r in rows])
+        for m in metrics.values():
+            m["sandbox"] = isolation()
+        return metrics, rows
+    raise ValueError(f"no generative metric for task {task!r}")

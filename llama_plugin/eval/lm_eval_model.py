@@ -66,6 +66,7 @@ class LlamaMcore(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        from llama_plugin.eval.decoding import continuation_text, finish_text
         from llama_plugin.generate import generate_ids
 
         out = []
@@ -78,10 +79,7 @@ class LlamaMcore(LM):
             ids = generate_ids(self.model, prompt, int(kwargs.get("max_gen_toks", self.max_gen_toks)), greedy=True,
                                eos_id=self.tok.eos_token_id, max_length=self.max_length,
                                vocab_limit=min(len(self.tok), self.vocab_size))
-            text = self.tok.decode([t for t in ids if t != self.tok.eos_token_id])
-            for stop in until:
-                text = text.split(stop)[0] if stop else text
-            out.append(text)
+            out.append(finish_text(continuation_text(self.tok, prompt, ids), tuple(until)))
         return out
 
 

