@@ -7,7 +7,12 @@ output is checked byte-identical to the baseline's. Prints median wall time, doc
 process, CPU seconds (process + workers) and MB per CPU-second, with ratios to the baseline, then a
 JSON line. On a shared machine the wall figures depend on the other load; the CPU figures much less.
 
-    python benchmarks/tokenize_throughput.py [--mb 24] [--workers 2] [--repeats 3] [--vocab-size 8000]
+The SentencePiece limit: the time SentencePiece alone takes to encode every document in one process
+(texts already in memory, batched, one thread), divided by the workers: no tokenizer of this file
+can beat it. The N-worker run's limit ratio (limit / its wall time) is the share of that ideal it
+reaches with the default shard planning; the criterion is >= 0.80.
+
+    python benchmarks/tokenize_throughput.py [--mb 25] [--workers 2] [--repeats 3] [--vocab-size 8000]
     python benchmarks/tokenize_throughput.py --input my.jsonl --tokenizer tokenizer.model
 
 Without --input the corpus is the demo book (Botchan, from the sentencepiece sdist on PyPI), its
@@ -30,9 +35,11 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+import sentencepiece as spm  # noqa: E402
+
 from data_prep.corpus import fetch_botchan, paragraphs, strip_gutenberg  # noqa: E402
 from data_prep.tokenize_docs import tokenize_jsonl  # noqa: E402
-from data_prep.tokenize_parallel import tokenize_parallel  # noqa: E402
+from data_prep.tokenize_parallel import SHARD_BYTES, iter_texts, tokenize_parallel  # noqa: E402
 from data_prep.tokenizer import train_tokenizer  # noqa: E402
 
 
@@ -70,10 +77,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", type=Path, help="a JSONL file (default: the demo book repeated to --mb)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: trained on the corpus)")
-    p.add_argument("--mb", type=float, default=24.0)
+    p.add_argument("--mb", type=float, default=25.0)
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shard-mb", type=float, default=2.0, help="shard size of the parallel path")
+    p.add_argument("--shard-mb", type=float, help="shard size of the parallel path (default: its own planning)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "llama_mcore")
     args = p.parse_args(argv)
@@ -87,7 +94,7 @@ def main(argv=None) -> int:
                                                   character_coverage=1.0, max_sentences=20000)
         megabytes = corpus.stat().st_size / 1e6
         docs = sum(1 for _ in open(corpus, "rb"))
-        shard_bytes = int(args.shard_mb * 1e6)
+        shard_bytes = int(args.shard_mb * 1e6) if args.shard_mb else SHARD_BYTES
         runs = {
             "baseline tokenize_jsonl, 1 process": (1, lambda out: tokenize_jsonl(corpus, model, out)),
             "tokenize_parallel, 1 worker": (1, lambda out: tokenize_parallel(
@@ -97,8 +104,15 @@ def main(argv=None) -> int:
         }
         times = {name: [] for name in runs}
         cpu = {name: [] for name in runs}
+        texts = list(iter_texts(corpus))
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        encode_s = []
         baseline_out = work / "baseline"
         for _ in range(args.repeats):  # interleaved, so load from other processes hits all alike
+            start = time.perf_counter()
+            for i in range(0, len(texts), 256):
+                sp.encode(texts[i:i + 256], num_threads=1)
+            encode_s.append(time.perf_counter() - start)
             for i, (name, (_, run)) in enumerate(runs.items()):
                 out = baseline_out if i == 0 else work / f"run{i}"
                 wall, cpu_s = timed(lambda: run(out))
@@ -120,6 +134,13 @@ def main(argv=None) -> int:
             result["runs"][name] = {"median_s": t, "all_s": times[name], "median_cpu_s": c, "all_cpu_s": cpu[name],
                                     "processes": procs, "docs_per_s": docs / t, "mb_per_s": megabytes / t,
                                     "speedup": base / t, "cpu_speedup": base_cpu / c}
+        limit = statistics.median(encode_s) / args.workers
+        parallel = statistics.median(times[f"tokenize_parallel, {args.workers} workers"])
+        result["sentencepiece_encode_s"] = statistics.median(encode_s)
+        result["sentencepiece_limit_s"], result["limit_ratio"] = limit, limit / parallel
+        print(f"SentencePiece limit: encode {statistics.median(encode_s):.2f} s in one process / {args.workers} workers "
+              f"= {limit:.2f} s; the {args.workers}-worker run takes {parallel:.2f} s: {limit / parallel:.0%} of the "
+              f"limit (criterion >= 80%: {'met' if limit / parallel >= 0.8 else 'NOT met'})")
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

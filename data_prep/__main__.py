@@ -6,6 +6,8 @@ clean source=<name> input=DIR output=DIR [overrides]: one source's raw files -> 
 perplexity-cutoffs: the 33rd/66th perplexity percentiles of a page sample under a KenLM model
 (the head/middle/tail cutoffs of clean source=commoncrawl).
 train-tokenizer, export-hf-tokenizer, tokenize, mix: one stage each, on your own files.
+pipeline data_pipeline output=DIR sources.<source>.input=DIR ...: all of them in order, each skipped
+when complete (pipeline.py).
 """
 
 from __future__ import annotations
@@ -92,9 +94,14 @@ def main(argv=None) -> int:
 
     c = sub.add_parser("clean", help="one source's raw files -> cleaned JSONL (datatrove pipeline)")
     c.add_argument("overrides", nargs="*", help="source=<name> input=DIR output=DIR [tasks=N <source>.<field>=...]")
+    pl = sub.add_parser("pipeline", help="raw source folders -> cleaned JSONL -> tokenizer -> .bin/.idx -> report")
+    pl.add_argument("recipe", help="a pipeline recipe, e.g. data_pipeline")
+    pl.add_argument("overrides", nargs="*", help="output=DIR sources.books.input=DIR tokenizer.vocab_size=N ...")
     args = p.parse_args(argv)
     if args.stage == "clean":
         return clean_stage(args.overrides)
+    if args.stage == "pipeline":
+        return pipeline_stage(args.recipe, args.overrides)
 
     try:
         if args.stage == "demo":
@@ -146,6 +153,20 @@ def clean_stage(overrides: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+def pipeline_stage(recipe: str, overrides: list[str]) -> int:
+    from data_prep.pipeline import load_pipeline_config, run_pipeline
+    from data_prep.sources import InputError
+    from recipes import RecipeError
+
+    try:
+        report = run_pipeline(load_pipeline_config(recipe, overrides))
+    except (RecipeError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({n: {k: r[k] for k in ("documents", "tokens", "share")} for n, r in report["sources"].items()}))
     return 0
 
 

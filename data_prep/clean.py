@@ -110,10 +110,8 @@ def build_stages(cfg) -> list[Stage]:
     if s == "github":
         return github_stages(cfg)
     if s == "stackexchange":
-        from data_prep.sources.stackexchange import StackExchangeReader
-
-        steps = [StackExchangeReader(cfg.input, cfg.stackexchange.sites)]
-    elif s == "wikipedia":
+        return stackexchange_stages(cfg)
+    if s == "wikipedia":
         from data_prep.sources.wikipedia import WikipediaReader
 
         steps = [WikipediaReader(cfg.input, list(cfg.wikipedia.languages))]
@@ -126,6 +124,19 @@ def build_stages(cfg) -> list[Stage]:
     else:
         raise RecipeError(f"source: {s!r} is not one of {', '.join(SOURCES)}")
     return [Stage("clean", [*steps, AtomicJsonlWriter(cfg.output)], cfg.tasks)]
+
+
+def stackexchange_stages(cfg) -> list[Stage]:
+    """StackExchange in bounded memory (data_prep/sources/stackexchange.py): split (byte ranges of
+    the sites' Posts.xml -> posts bucketed by question under <work>/posts), assemble (a bucket at a
+    time -> one document per question)."""
+    from data_prep.sources.stackexchange import StackExchangeAssemble, StackExchangeSplit
+
+    x, work = cfg.stackexchange, Path(cfg.output) / STAGED_WORK / "posts"
+    return [
+        Stage("split", [StackExchangeSplit(cfg.input, str(work), x.sites, x.piece_bytes, x.bucket_bytes)], cfg.tasks),
+        Stage("assemble", [StackExchangeAssemble(str(work)), AtomicJsonlWriter(cfg.output)], cfg.tasks),
+    ]
 
 
 def commoncrawl_stages(cfg) -> list[Stage]:
@@ -266,6 +277,16 @@ def reference_classifier(cfg) -> Path | None:
     return out
 
 
+def check_input(folder: Path) -> None:
+    """An input that holds nothing is an error, not an empty run that exits 0."""
+    if not folder.exists():
+        raise RecipeError(f"input: {folder} does not exist")
+    if not folder.is_dir():
+        raise RecipeError(f"input: {folder} is not a directory")
+    if not any(p.is_file() and p.stat().st_size > 0 for p in folder.rglob("*")):
+        raise RecipeError(f"input: {folder} holds no non-empty file")
+
+
 def load_config(overrides: list[str]):
     cfg = compose("clean", overrides, CleanConfig)
     if cfg.source not in SOURCES:
@@ -275,6 +296,11 @@ def load_config(overrides: list[str]):
             raise RecipeError(f"{key}: must be >= 1, got {cfg[key]}")
     if cfg.executor not in ("local", "slurm"):
         raise RecipeError(f"executor: {cfg.executor!r} is not one of local, slurm")
+    check_input(Path(cfg.input))
+    if cfg.source == "stackexchange":
+        for key in ("piece_bytes", "bucket_bytes"):
+            if cfg.stackexchange[key] < 1:
+                raise RecipeError(f"stackexchange.{key}: must be >= 1, got {cfg.stackexchange[key]}")
     if cfg.source == "wikipedia":
         from data_prep.sources.wikipedia import check_languages
 
@@ -462,11 +488,24 @@ def wait_for_tasks(logging_dir: Path, tasks: int, job_id: str, timeout_s: float 
         time.sleep(1)
 
 
+def all_tasks_stats(logging_dir: Path) -> list[dict]:
+    """The per-step stats of every task of a stage, summed from the task files datatrove writes as
+    each task completes (stats/<rank>.json): its stats.json covers only the tasks the last
+    invocation ran, so a resumed run's report would leave out the tasks finished before the kill."""
+    from datatrove.utils.stats import PipelineStats
+
+    files = sorted((logging_dir / "stats").glob("*.json"))
+    if not files:
+        return json.loads((logging_dir / "stats.json").read_text())
+    total = sum((PipelineStats.from_json(json.loads(f.read_text())) for f in files), start=PipelineStats())
+    return json.loads(total.to_json())
+
+
 def report_from_logs(stage_logs: list[tuple[Stage, Path]], cfg) -> dict:
     """Per step: its counters (documents in/forwarded/dropped, dropped_<rule>, ...) summed over tasks."""
     steps = []
     for stage, logging_dir in stage_logs:
-        for step in json.loads((logging_dir / "stats.json").read_text()):
+        for step in all_tasks_stats(logging_dir):
             if step["name"].endswith(ProgressBar.name):
                 continue
             counters = {k: (v["total"] if isinstance(v, dict) and "total" in v else v)

@@ -33,6 +33,7 @@ import sentencepiece as spm
 from data_prep.sources import InputError  # a bad input file; the message names it (and the line)
 
 SHARD_BYTES = 32 << 20
+MIN_SHARDS, MIN_SHARD_BYTES = 16, 1 << 20
 BATCH_DOCS = 256
 COMPRESSED = (".gz", ".zst")
 # megatron-core's .idx layout (megatron/core/datasets/indexed_dataset.py, _IndexWriter)
@@ -58,7 +59,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 2**16 else np.int32)
 
 
+def shard_size(files: list[Path], shard_bytes: int) -> int:
+    """Plain-file shard size: `shard_bytes`, or less for a small input so that it still makes
+    MIN_SHARDS shards of at least MIN_SHARD_BYTES (a 25 MB file feeds 16 workers, not one). It
+    depends on the inputs only, never on the worker count, so a rerun with other --workers
+    reuses the shards."""
+    plain = sum(p.stat().st_size for p in files if not str(p).endswith(COMPRESSED))
+    return max(1, min(shard_bytes, max(MIN_SHARD_BYTES, -(-plain // MIN_SHARDS))))
+
+
 def plan_shards(files: list[Path], shard_bytes: int) -> list[Shard]:
+    shard_bytes = shard_size(files, shard_bytes)
     shards = []
     for path in files:
         if str(path).endswith(COMPRESSED):
@@ -240,18 +251,23 @@ def _run_shard(args) -> int:
     return tokenize_shard(*args)
 
 
-def write_index(idx_path: Path, lengths: np.ndarray, dtype: np.dtype) -> None:
-    """megatron-core's .idx for one sequence per document (what IndexedDatasetBuilder writes)."""
-    lengths = np.asarray(lengths, dtype=np.int32)
-    pointers = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
-    pointers *= dtype.itemsize
+def write_index(idx_path: Path, length_chunks, count: int, dtype: np.dtype) -> None:
+    """megatron-core's .idx for one sequence per document (what IndexedDatasetBuilder writes), from
+    `length_chunks()`: a fresh iterator over the documents' lengths in pieces (one per shard), read
+    twice. Memory holds one piece, not the whole index (1B documents are 20 GB of index)."""
     with open(idx_path, "wb") as f:
         f.write(INDEX_HEADER + struct.pack("<Q", INDEX_VERSION) + struct.pack("<B", DTYPE_CODES[dtype]))
-        f.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(lengths) + 1))
-        f.write(lengths.tobytes())
-        f.write(pointers.tobytes())
-        f.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+        f.write(struct.pack("<Q", count) + struct.pack("<Q", count + 1))
+        for lengths in length_chunks():
+            f.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        offset = 0  # in tokens
+        for lengths in length_chunks():
+            lengths = np.asarray(lengths, dtype=np.int64)
+            ends = np.cumsum(lengths) + offset
+            f.write(((ends - lengths) * dtype.itemsize).tobytes())
+            offset = int(ends[-1]) if len(ends) else offset
+        for start in range(0, count + 1, 1 << 20):
+            f.write(np.arange(start, min(start + (1 << 20), count + 1), dtype=np.int64).tobytes())
         f.flush()
         os.fsync(f.fileno())
 
@@ -312,10 +328,12 @@ def _tokenize_locked(files, tokenizer_model, out_prefix, workers, shard_bytes, d
             for _ in pool.imap_unordered(_run_shard, jobs):
                 pass
 
-    lengths = [_complete_lengths(shard_dir, s.index, dtype.itemsize) for s in shards]
-    if any(x is None for x in lengths):
-        raise RuntimeError(f"{shard_dir}: a shard is missing after tokenization")
-    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
+    documents, tokens = 0, 0
+    for s in shards:  # one shard's lengths in memory at a time
+        lengths = _complete_lengths(shard_dir, s.index, dtype.itemsize)
+        if lengths is None:
+            raise RuntimeError(f"{shard_dir}: a shard is missing after tokenization")
+        documents, tokens = documents + len(lengths), tokens + int(lengths.sum(dtype=np.int64))
     bin_path, idx_path = Path(str(out_prefix) + ".bin"), Path(str(out_prefix) + ".idx")
     bin_tmp, idx_tmp = Path(str(bin_path) + ".tmp"), Path(str(idx_path) + ".tmp")
     with open(bin_tmp, "wb") as out:
@@ -324,10 +342,11 @@ def _tokenize_locked(files, tokenizer_model, out_prefix, workers, shard_bytes, d
                 shutil.copyfileobj(f, out, 16 << 20)
         out.flush()
         os.fsync(out.fileno())
-    write_index(idx_tmp, all_lengths, dtype)
+    write_index(idx_tmp, lambda: (np.fromfile(_shard_files(shard_dir, s.index)[1], dtype=np.int32) for s in shards),
+                documents, dtype)
     idx_path.unlink(missing_ok=True)  # never a new .bin beside an old .idx
     os.replace(bin_tmp, bin_path)
     os.replace(idx_tmp, idx_path)
     shutil.rmtree(shard_dir)
-    return {"documents": int(len(all_lengths)), "tokens": int(all_lengths.sum(dtype=np.int64)),
-            "shards": len(shards), "reused_shards": reused, "prefix": str(out_prefix)}
+    return {"documents": documents, "tokens": tokens, "shards": len(shards), "reused_shards": reused,
+            "prefix": str(out_prefix)}

@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from recipes.schema import CleanConfig, DescribeConfig, RecipeConfig
+from recipes.schema import CleanConfig, DataPipelineConfig, DescribeConfig, RecipeConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent
 
@@ -25,6 +25,7 @@ RECIPES_DIR = Path(__file__).resolve().parent
 ConfigStore.instance().store(name="describe_schema", node=DescribeConfig)
 ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
 ConfigStore.instance().store(name="clean_schema", node=CleanConfig)
+ConfigStore.instance().store(name="data_pipeline_schema", node=DataPipelineConfig)
 
 
 class RecipeError(ValueError):

@@ -230,6 +230,8 @@ class DescribeConfig:
 @dataclass
 class StackExchangeCleanConfig:
     sites: int = 28  # the largest sites of the dump, by Posts.xml size (LLaMA: 28)
+    piece_bytes: int = 256 << 20  # split stage: a task's unit, a byte range of one site's Posts.xml
+    bucket_bytes: int = 128 << 20  # assemble stage: posts grouped per bucket (its memory), <= 512 per site
 
 
 @dataclass
@@ -320,3 +322,36 @@ class CleanConfig:
     c4: C4CleanConfig = field(default_factory=C4CleanConfig)
     commoncrawl: CommonCrawlCleanConfig = field(default_factory=CommonCrawlCleanConfig)
     language_id_model: Optional[str] = None  # fastText lid.176.bin/.ftz (c4, commoncrawl)
+
+
+@dataclass
+class PipelineSourceConfig:
+    input: Optional[str] = None  # the source's raw folder (layouts: data_prep/README.md); None: left out
+    tasks: int = 1  # datatrove tasks of its clean stage
+    clean_overrides: List[str] = field(default_factory=list)  # e.g. ["c4.bad_words_file=/x/en.txt"]
+
+
+@dataclass
+class PipelineTokenizerConfig:
+    model: Optional[str] = None  # an existing tokenizer.model to use; None: train one on the cleaned text
+    vocab_size: int = 32000  # LLaMA's
+    character_coverage: float = 0.99995
+    max_sentences: int = 0  # documents sampled for training it; 0: all
+
+
+@dataclass
+class DataPipelineConfig:
+    """python -m data_prep pipeline: raw source folders -> cleaned JSONL -> tokenizer -> one indexed
+    dataset per source -> mixture report and the data recipe training reads."""
+
+    output: str = MISSING  # everything goes here; LLAMA_DATA=<output> makes recipes/data/llama_mixture read it
+    sources: Dict[str, PipelineSourceConfig] = field(default_factory=lambda: {
+        s: PipelineSourceConfig() for s in ("commoncrawl", "c4", "github", "wikipedia", "books", "arxiv",
+                                            "stackexchange")})
+    language_id_model: Optional[str] = None  # fastText lid.176.bin/.ftz (c4, commoncrawl)
+    tokenizer: PipelineTokenizerConfig = field(default_factory=PipelineTokenizerConfig)
+    mixture: str = "llama_mixture"  # recipes/data/<mixture>.yaml: each source's weight and reference epochs
+    tokens: float = 1.4e12  # the budget of the epochs column (LLaMA 65B: 1.4T)
+    workers: int = 1  # processes for cleaning and tokenizing
+    executor: str = "local"  # local | slurm (the clean stages as datatrove Slurm jobs, waited for)
+    slurm_partition: Optional[str] = None

@@ -13,8 +13,8 @@ SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 
 
 def test_the_scripts_are_the_ones_listed():
-    assert SCRIPTS == ["eval_speed.py", "gpu_acceptance.py", "sft_load.py", "tokenize_throughput.py",
-                       "train_throughput.py"]
+    assert SCRIPTS == ["eval_speed.py", "gpu_acceptance.py", "index_memory.py", "sft_load.py",
+                       "tokenize_throughput.py", "train_throughput.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -87,8 +87,57 @@ def test_stackexchange_answers_sorted_by_numeric_score(stackexchange_dump, tmp_p
     assert {d["site"] for d in out} == {"math", "superuser"}
     assert len(out) == (2 + 40) + (2 + 10)
     assert report["documents_out"] == len(out)
-    assert re.search(r"clean task 1/1: .*\b54 docs", capfd.readouterr().err)  # the progress bar's last state
+    assert re.search(r"assemble task 1/1: .*\b54 docs", capfd.readouterr().err)  # the progress bar's last state
     assert not any(step["step"].endswith("progress") for step in report["steps"])
+
+
+def test_stackexchange_streams_a_large_site_in_bounded_memory_over_several_tasks(tmp_path):
+    """A generated 60 MB site (12,000 questions, 24,000 answers, each answer after its question by
+    up to a third of the file) cleaned with 3 tasks: the split stage gives every task pieces of
+    the one site, the process's peak memory grows by well under the site's size (bucket_bytes =
+    4 MB), and every question's document is its title, body and answers by score, written out here
+    from the generated rows."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    site = tmp_path / "dump" / "bigsite"
+    site.mkdir(parents=True)
+    lorem = "lorem ipsum dolor sit amet " * 60
+    n_q, rows, expected = 12_000, [], {}
+    for q in range(n_q):
+        rows.append((q * 3, {"Id": q + 1, "PostTypeId": 1, "Score": 1, "Title": f"Question {q}",
+                             "Body": f"<p>{lorem}question {q}</p>"}))
+        answers = []
+        for a in range(2):
+            post, score = n_q + 2 * q + a + 1, int(rng.integers(-3, 3))
+            rows.append((q * 3 + int(rng.integers(1, n_q)), {"Id": post, "PostTypeId": 2, "ParentId": q + 1,
+                                                             "Score": score, "Body": f"<p>{lorem}answer {post}</p>"}))
+            answers.append((-score, post))
+        expected[f"bigsite/{q + 1}"] = "\n\n".join([f"Question {q}", f"{lorem}question {q}"]
+                                                    + [f"{lorem}answer {post}" for _, post in sorted(answers)])
+    rows.sort(key=lambda r: r[0])
+    (site / "Posts.xml").write_text(_posts([r for _, r in rows]))
+    size = (site / "Posts.xml").stat().st_size
+    assert size > 55e6
+    script = (
+        "import json, resource, sys\n"
+        "from data_prep.clean import load_config, run\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "report = run(load_config(sys.argv[1:]))\n"
+        "print(json.dumps({'base_kb': base, 'peak_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "'documents': report['documents_out']}))\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", script, "source=stackexchange", f"input={tmp_path / 'dump'}",
+                        f"output={out}", "tasks=3", "workers=1", "stackexchange.piece_bytes=16000000",
+                        "stackexchange.bucket_bytes=4000000"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    grown = (got["peak_kb"] - got["base_kb"]) * 1024
+    assert got["documents"] == n_q and grown < size / 3, (grown, size)
+    pieces = {p.name for p in (out / ".stages" / "posts" / "bigsite").glob("*/*.jsonl")}
+    assert pieces == {f"{i:06d}.jsonl" for i in range(4)}  # 4 byte ranges of one site, over 3 tasks
+    docs = {d["id"]: d["text"] for p in out.glob("*.jsonl") for d in map(json.loads, p.read_text().splitlines())}
+    assert docs == expected
 
 
 def test_stackexchange_corrupt_posts_xml_names_the_file(stackexchange_dump, tmp_path):
@@ -402,6 +451,13 @@ def test_killed_run_resumes_without_lost_or_duplicated_documents(wiki_dir, tmp_p
     assert not list(out.glob("*.partial"))
     resumed = [json.loads(line) for p in sorted(out.glob("*.jsonl")) for line in p.read_text().splitlines()]
     assert resumed == reference
+    # the report covers every task, the ones finished before the kill too
+    counts = [{k: v for k, v in step.items() if k not in ("time",)} for step in
+              json.loads((out / "clean_report.json").read_text())["steps"]]
+    expected = [{k: v for k, v in step.items() if k not in ("time",)} for step in
+                json.loads((tmp_path / "uninterrupted" / "clean_report.json").read_text())["steps"]]
+    writer = next(step for step in counts if "jsonl" in step["step"])
+    assert counts == expected and writer["total"] == len(reference)
 
 
 # ---------------------------------------------------------------------------------------- C4
@@ -807,7 +863,21 @@ def test_clean_on_slurm_with_datatrove_slurm_executor(stackexchange_dump, books_
     assert sorted(p.name for p in (tmp_path / "on_slurm").glob("*.jsonl")) == ["00000.jsonl", "00001.jsonl", "00002.jsonl"]
     assert docs == local_docs and len(docs) == (2 + 40) + (2 + 10) + 2  # questions of the 3 sites
     assert report["documents_out"] == len(local_docs)
-    assert (tmp_path / "on_slurm" / ".logs" / "slurm_logs").is_dir()
+    assert (tmp_path / "on_slurm" / ".logs" / "split" / "slurm_logs").is_dir()  # stages split, assemble
     assert books_docs == local_books and [d["id"] for d in books_docs] == ["a_botchan.txt", "c_partial.txt"]
     assert [s["stage"] for s in books_report["steps"]].count("find_duplicates") == 1
     assert step_stats(books_report, "book near-duplicates")["dropped_near_duplicate"] == 1
+
+
+def test_an_empty_or_missing_input_is_an_error_and_writes_nothing(tmp_path, capsys):
+    from data_prep.__main__ import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.tex").write_text("")
+    for folder, message in ((empty, "holds no non-empty file"), (tmp_path / "nowhere", "does not exist")):
+        out = tmp_path / "out"
+        assert main(["clean", "source=arxiv", f"input={folder}", f"output={out}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: input: {folder}") and message in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()

@@ -351,33 +351,3 @@ def test_mixture_report_from_idx_files(corpus, tmp_path, capsys):
     assert out.count("WARNING") == 7 and f"{0.67 * budget / book_tokens:.3f}" in out
     rc = data_prep_main(["mix", "tiny_cpu", f"data.sources.books.prefix={tmp_path / 'missing'}"])
     assert rc == 2 and "missing.idx: no such file" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_training_reads_a_parallel_tokenized_mixture(corpus, tmp_path):
-    """tiny_cpu trains 4 steps from two sources tokenized by tokenize_parallel, blended 3 : 1."""
-    from tests.conftest import torchrun
-
-    jsonl, model, _ = corpus
-    data = tmp_path / "data"
-    tokenize_parallel([jsonl], model, data / "books_text_document", workers=2, shard_bytes=20_000)
-    code = tmp_path / "code.jsonl"
-    code.write_text("".join(json.dumps({"text": p.read_text()}) + "\n" for p in sorted(REPO.glob("*/*.py"))))
-    tokenize_parallel([code], model, data / "code_text_document", workers=2, shard_bytes=100_000)
-    (data / "tokenizer.model").write_bytes(model.read_bytes())
-    run_dir = tmp_path / "run"
-    cfg = OmegaConf.to_container(compose("tiny_cpu", [
-        "train.steps=4", "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_interval=4",
-        "train.eval_batches=1", "train.save_interval=4", "optimizer.warmup_steps=2", "logging.progress_bar=false",
-        "logging.wandb_mode=disabled", "logging.log_interval=1", f"train.run_dir={run_dir}",
-        f"data.tokenizer_model={data / 'tokenizer.model'}",
-        f"data.sources.books.prefix={data / 'books_text_document'}", "data.sources.books.weight=3.0"], RecipeConfig))
-    # A second source: a recipe file (Hydra cannot add an entry to the typed sources map from the command line).
-    cfg["data"]["sources"]["code"] = {"prefix": str(data / "code_text_document"), "weight": 1.0, "epochs": None}
-    (tmp_path / "recipe.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    r = torchrun(["--config", str(tmp_path / "recipe.yaml")])
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in line]
-    assert [row["step"] for row in rows] == [1, 2, 3, 4] and all(np.isfinite(row["train/loss"]) for row in rows)
-    # 32 samples drawn 3 : 1 (megatron's blend keeps each source within one sample of its share)
-    assert abs(rows[-1]["data/books_share"] * 32 - 24) <= 1 and abs(rows[-1]["data/code_share"] * 32 - 8) <= 1
