@@ -411,49 +411,71 @@ def unapplied_filters(cfg) -> list[str]:
     return out
 
 
-def run(cfg) -> dict:
-    """Run (or finish) the pipeline; returns the report (also written to clean_report.json)."""
+def plan(cfg) -> tuple[list[Stage], list[Path], list[str]]:
+    """(stages, their logging folders, the filters not applied) of a clean run, after the rerun check."""
     check_rerun(cfg)
     not_applied = unapplied_filters(cfg)
     for what in not_applied:
         print(f"warning: not applied: {what}", file=sys.stderr)
-    output = Path(cfg.output)
-    logging_dir = Path(cfg.logging_dir or output / ".logs")
+    logging_dir = Path(cfg.logging_dir or Path(cfg.output) / ".logs")
     stages = build_stages(cfg)
     # A one-stage source logs straight into logging_dir; stages get a sub-folder each.
     stage_logs = [logging_dir] if len(stages) == 1 else [logging_dir / st.name for st in stages]
-    if cfg.executor == "slurm":
-        from datatrove.executor.slurm import SlurmPipelineExecutor
+    return stages, stage_logs, not_applied
 
-        # The jobs unpickle our steps: they need this venv and the project on their path.
-        venv = cfg.slurm_venv or (sys.prefix if sys.prefix != sys.base_prefix else None)
-        env = [f"source {shlex.quote(str(Path(venv) / 'bin' / 'activate'))}"] if venv else []
-        env.append(f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}")
-        executors = []
-        for stage, logs in zip(stages, stage_logs):
-            executors.append(SlurmPipelineExecutor(
-                pipeline=stage.pipeline, tasks=stage.tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
-                cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
-                env_command="\n".join(env), logging_dir=str(logs), job_name=f"clean_{cfg.source}_{stage.name}",
-                sbatch_args={"chdir": str(Path.cwd())}, mail_type="NONE",
-                depends=executors[-1] if executors else None))
+
+def slurm_executors(stages: list[Stage], stage_logs: list[Path], slurm, job_prefix: str, depends=None) -> list:
+    """One datatrove Slurm executor per stage, each depending on the one before (the first on
+    `depends`); `.run()` on the last submits them all. `slurm` has the slurm_* fields of CleanConfig."""
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    # The jobs unpickle our steps: they need this venv and the project on their path.
+    venv = slurm.slurm_venv or (sys.prefix if sys.prefix != sys.base_prefix else None)
+    env = [f"source {shlex.quote(str(Path(venv) / 'bin' / 'activate'))}"] if venv else []
+    env.append(f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}")
+    executors = []
+    for stage, logs in zip(stages, stage_logs):
+        executors.append(SlurmPipelineExecutor(
+            pipeline=stage.pipeline, tasks=stage.tasks, time=slurm.slurm_time, partition=slurm.slurm_partition,
+            cpus_per_task=slurm.slurm_cpus_per_task, mem_per_cpu_gb=slurm.slurm_mem_per_cpu_gb,
+            env_command="\n".join(env), logging_dir=str(logs), job_name=f"{job_prefix}_{stage.name}",
+            sbatch_args={"chdir": str(Path.cwd())}, mail_type="NONE",
+            depends=executors[-1] if executors else depends))
+    return executors
+
+
+def run_local(stages: list[Stage], stage_logs: list[Path], workers: int) -> None:
+    from datatrove.executor.local import LocalPipelineExecutor
+
+    for stage, logs in zip(stages, stage_logs):
+        LocalPipelineExecutor(pipeline=stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
+                              logging_dir=str(logs), start_method="fork").run()
+
+
+def finish(cfg, stages: list[Stage], stage_logs: list[Path], not_applied: list[str]) -> dict:
+    """The report of a finished clean run, also written to <output>/clean_report.json."""
+    report = report_from_logs(list(zip(stages, stage_logs)), cfg)
+    report["filters_not_applied"] = not_applied
+    tmp = Path(cfg.output) / "clean_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, Path(cfg.output) / "clean_report.json")
+    return report
+
+
+def run(cfg) -> dict:
+    """Run (or finish) the pipeline; returns the report (also written to clean_report.json)."""
+    stages, stage_logs, not_applied = plan(cfg)
+    if cfg.executor == "slurm":
+        executors = slurm_executors(stages, stage_logs, cfg, f"clean_{cfg.source}")
         executors[-1].run()  # submits the earlier stages first, each one depending on the one before
         if not cfg.slurm_wait:
-            return {"submitted": [e.job_id for e in executors], "logging_dir": str(logging_dir)}
+            return {"submitted": [e.job_id for e in executors],
+                    "logging_dir": str(cfg.logging_dir or Path(cfg.output) / ".logs")}
         for stage, logs, executor in zip(stages, stage_logs, executors):
             wait_for_tasks(logs, stage.tasks, executor.job_id)
     else:
-        from datatrove.executor.local import LocalPipelineExecutor
-
-        for stage, logs in zip(stages, stage_logs):
-            LocalPipelineExecutor(pipeline=stage.pipeline, tasks=stage.tasks, workers=min(cfg.workers, stage.tasks),
-                                  logging_dir=str(logs), start_method="fork").run()
-    report = report_from_logs(list(zip(stages, stage_logs)), cfg)
-    report["filters_not_applied"] = not_applied
-    tmp = output / "clean_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, output / "clean_report.json")
-    return report
+        run_local(stages, stage_logs, cfg.workers)
+    return finish(cfg, stages, stage_logs, not_applied)
 
 
 def _parses_as_json(path: Path) -> bool:

@@ -1,17 +1,24 @@
 """python -m data_prep pipeline: the whole data recipe in one command.
 
     python -m data_prep pipeline data_pipeline output=DIR sources.books.input=RAW/books ... [overrides]
+        [executor=slurm slurm_partition=P]
 
-Stages, in order, each skipped when it is complete for the same configuration and inputs (a hash
-of both, kept in <output>/pipeline_state.json; a changed input or setting redoes that stage and
-the ones after it):
+Steps, in order, each skipped when it is complete for the same configuration and inputs (a hash
+of both, kept in <output>/pipeline_state.json; a changed input or setting redoes that step and the
+ones that read its output):
 
-    clean/<source>     raw folder -> <output>/clean/<source>/*.jsonl (clean.py; resumable itself)
-    tokenizer          trained on all cleaned text (or the given model) -> <output>/tokenizer.model
-    tokenize/<source>  -> <output>/<source>_text_document.bin/.idx (tokenize_parallel.py)
+    clean/<source>     raw folder -> <output>/clean/<source>/*.jsonl (clean.py's datatrove stages)
+    tokenizer          trained on all cleaned text (tokenize_tasks.TrainTokenizer), or the given model
+    tokenize/<source>  prepare / tokenize (the source's tasks) / merge -> <output>/<source>_text_document
+                       .bin/.idx (tokenize_tasks.py: byte-identical to tokenize_parallel for any task count)
     report             mixture (weights and reference epochs from recipes/data/<mixture>.yaml),
                        documents, tokens, drops per rule, epochs for the budget ->
                        <output>/pipeline_report.{json,md,png} and <output>/data_recipe.yaml
+
+Every step is datatrove stages: run here with the local executor, or (executor=slurm) submitted at
+once as one chain of Slurm jobs, each depending on the one before, then waited for and recorded
+step by step. One progress display: a line per step here, datatrove's bars and logs per stage
+(<output>/.logs, <output>/clean/<source>/.logs).
 
 The prefixes follow recipes/data/llama_mixture.yaml's layout, so `LLAMA_DATA=<output>` points the
 pretraining recipes at the result; data_recipe.yaml is the same data config with the sources
@@ -26,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -72,7 +80,7 @@ def _hash(obj) -> str:
 
 
 class State:
-    """Which stages are complete, and for which hash; written atomically after every stage."""
+    """Which steps are complete, and for which digest; written atomically at every change."""
 
     def __init__(self, output: Path):
         self.path = output / STATE_FILE
@@ -80,67 +88,135 @@ class State:
 
     def done(self, stage: str, digest: str) -> dict | None:
         entry = self.stages.get(stage)
-        return entry["result"] if entry and entry["hash"] == digest else None
+        return entry["result"] if entry and entry["hash"] == digest and "result" in entry else None
 
-    def record(self, stage: str, digest: str, result: dict) -> None:
+    def attempted(self, stage: str) -> str | None:
+        """The digest of the step's last start (finished or not)."""
+        return (self.stages.get(stage) or {}).get("hash")
+
+    def start(self, stage: str, digest: str | None) -> None:
+        self.stages[stage] = {"hash": digest, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._write()
+
+    def record(self, stage: str, digest: str, result: dict, seconds: float) -> dict:
+        result = {**result, "seconds": round(seconds, 2)}
         self.stages[stage] = {"hash": digest, "result": result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._write()
+        return result
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.stages, indent=1) + "\n")
         os.replace(tmp, self.path)
 
 
-def run_stage(state: State, stage: str, digest: str, fn, log) -> dict:
-    if (result := state.done(stage, digest)) is not None:
-        log(f"[{stage}] complete (same configuration and inputs): skipped")
-        return result
-    log(f"[{stage}] running")
-    start = time.perf_counter()
-    result = fn()
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    state.record(stage, digest, result)
-    log(f"[{stage}] done in {result['seconds']:.1f} s")
-    return result
+@dataclass
+class Step:
+    """One stage of the pipeline: datatrove stages (run locally, or submitted as Slurm jobs that
+    depend on the step before), a digest of what it reads (None while its inputs do not exist yet),
+    what to do before it runs, and its result once done."""
+
+    name: str
+    digest: object  # () -> str | None
+    build: object  # (fresh: bool) -> (stages, logging folders): fresh when its earlier attempt had other inputs
+    result: object  # () -> dict
 
 
-def clean_source(cfg, name: str, out: Path) -> dict:
-    from data_prep.clean import load_config, run
+def clean_step(cfg, state: State, name: str, out: Path) -> Step:
+    from data_prep.clean import finish, load_config, plan
 
     src = cfg.sources[name]
-    overrides = [f"source={name}", f"input={src.input}", f"output={out}", f"tasks={src.tasks}",
-                 f"workers={min(cfg.workers, src.tasks)}", f"executor={cfg.executor}", *src.clean_overrides]
+    overrides = [f"source={name}", f"input={src.input}", f"output={out / 'clean' / name}", f"tasks={src.tasks}",
+                 f"workers={min(cfg.workers, src.tasks)}", *src.clean_overrides]
     if cfg.language_id_model and name in ("c4", "commoncrawl"):
         overrides.append(f"language_id_model={cfg.language_id_model}")
-    if cfg.executor == "slurm":
-        overrides += ["slurm_wait=true"] + ([f"slurm_partition={cfg.slurm_partition}"] if cfg.slurm_partition else [])
-    report = run(load_config(overrides))
-    drops = {}
-    for step in report["steps"]:
-        for key, value in step.items():
-            if key.startswith("dropped_"):
-                step_name = step["step"].split(": ", 1)[-1]  # datatrove prefixes the step type ("🔻 - FILTER: ")
-                drops[f"{step_name}: {key[len('dropped_'):]}"] = value
-    return {"documents": report["documents_out"], "shards": report["shards"], "drops": drops,
-            "filters_not_applied": report.get("filters_not_applied", [])}
+    planned = {}
+
+    def digest():
+        return _hash({"source": name, "input": _fingerprint(p for p in Path(src.input).rglob("*") if p.is_file()),
+                      "tasks": src.tasks, "overrides": list(src.clean_overrides),
+                      "lid": cfg.language_id_model if name in ("c4", "commoncrawl") else None})
+
+    def build(fresh: bool):
+        # other inputs than the attempt before: clean's own resume would keep its finished tasks
+        clean_cfg = load_config(overrides + (["overwrite=true"] if fresh else []))
+        planned["cfg"], (stages, logs, planned["not_applied"]) = clean_cfg, plan(clean_cfg)
+        planned["stages"], planned["logs"] = stages, logs
+        return stages, logs
+
+    def result():
+        report = finish(planned["cfg"], planned["stages"], planned["logs"], planned["not_applied"])
+        drops = {}
+        for step in report["steps"]:
+            for key, value in step.items():
+                if key.startswith("dropped_"):
+                    step_name = step["step"].split(": ", 1)[-1]  # datatrove prefixes the step type ("🔻 - FILTER: ")
+                    drops[f"{step_name}: {key[len('dropped_'):]}"] = value
+        if report["documents_out"] == 0:
+            raise InputError(f"sources.{name}.input: cleaning left no document (see {out / 'clean' / name})")
+        return {"documents": report["documents_out"], "shards": report["shards"], "drops": drops,
+                "filters_not_applied": report.get("filters_not_applied", [])}
+
+    return Step(f"clean/{name}", digest, build, result)
 
 
-def train_or_copy_tokenizer(cfg, cleaned: list[Path], out: Path) -> dict:
-    dest = out / "tokenizer.model"
-    if cfg.tokenizer.model:
-        tmp = dest.with_suffix(".tmp")
-        shutil.copyfile(cfg.tokenizer.model, tmp)
-        os.replace(tmp, dest)
-        return {"model": str(dest), "trained": False}
-    from data_prep.tokenizer import train_tokenizer
+def _fresh_logs(folder: Path) -> Path:
+    """A stage's datatrove logs start empty: its completion markers must not skip a rerun's tasks
+    (the steps themselves keep finished work: complete shards, a trained model)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
+
+def tokenizer_step(cfg, out: Path, ran: list[str]) -> Step:
+    from data_prep.clean import Stage
+    from data_prep.tokenize_tasks import TrainTokenizer, jsonl_files
+
+    folders = [out / "clean" / n for n in ran]
     t = cfg.tokenizer
-    model = train_tokenizer(cleaned, out / "tokenizer", t.vocab_size, t.character_coverage, t.max_sentences)
-    return {"model": str(model), "trained": True, "vocab_size": t.vocab_size}
+
+    def digest():
+        if t.model:
+            return _hash({"given": _fingerprint([Path(t.model)])})
+        if not all(f.is_dir() for f in folders):
+            return None
+        return _hash({"inputs": _fingerprint(p for f in folders for p in jsonl_files(f)),
+                      "settings": OmegaConf.to_container(t)})
+
+    def build(fresh: bool):
+        if t.model:  # a given model is copied in the driver; nothing to submit
+            tmp = out / "tokenizer.model.tmp"
+            shutil.copyfile(t.model, tmp)
+            os.replace(tmp, out / "tokenizer.model")
+            return [], []
+        step = TrainTokenizer([str(f) for f in folders], str(out / "tokenizer"), t.vocab_size, t.character_coverage,
+                              t.max_sentences)
+        return [Stage("train", [step], 1)], [_fresh_logs(out / ".logs" / "tokenizer")]
+
+    def result():
+        return {"model": str(out / "tokenizer.model"), "trained": not t.model}
+
+    return Step("tokenizer", digest, build, result)
 
 
-def tokenize_source(cfg, files: list[Path], tokenizer: Path, prefix: Path, log) -> dict:
-    from data_prep.tokenize_parallel import tokenize_parallel
+def tokenize_step(cfg, out: Path, name: str) -> Step:
+    from data_prep.tokenize_tasks import jsonl_files, tokenize_stages
 
-    return tokenize_parallel(files, tokenizer, prefix, cfg.workers, log=log)
+    folder, prefix, tokenizer = out / "clean" / name, out / f"{name}_text_document", out / "tokenizer.model"
+
+    def digest():
+        if not (folder.is_dir() and tokenizer.is_file()):
+            return None
+        return _hash({"inputs": _fingerprint(jsonl_files(folder)),
+                      "tokenizer": hashlib.sha256(tokenizer.read_bytes()).hexdigest()})
+
+    def build(fresh: bool):
+        stages = tokenize_stages(folder, tokenizer, prefix, cfg.sources[name].tasks)
+        return stages, [_fresh_logs(out / ".logs" / "tokenize" / name / st.name) for st in stages]
+
+    def result():
+        return json.loads(Path(str(prefix) + ".tokenize.json").read_text())
+
+    return Step(f"tokenize/{name}", digest, build, result)
 
 
 def write_report(cfg, out: Path, ran: list[str], cleaned: dict, tokenized: dict, mixture) -> dict:
@@ -202,6 +278,10 @@ def _bar_chart(report: dict, path: Path) -> None:
 
 
 def run_pipeline(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    """Every step not complete for its digest, in order: locally, or (executor=slurm) submitted as
+    one chain of dependent Slurm jobs and then waited for; each step is recorded as it finishes."""
+    from data_prep.clean import run_local, slurm_executors, wait_for_tasks
+
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     state = State(out)
@@ -210,29 +290,60 @@ def run_pipeline(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)) -> di
     for n in cfg.sources:
         if n not in ran:
             log(f"[clean/{n}] no input (sources.{n}.input): left out")
-    cleaned = {}
-    for n in ran:
-        src = cfg.sources[n]
-        digest = _hash({"source": n, "input": _fingerprint(p for p in Path(src.input).rglob("*") if p.is_file()),
-                        "tasks": src.tasks, "overrides": list(src.clean_overrides),
-                        "lid": cfg.language_id_model if n in ("c4", "commoncrawl") else None})
-        cleaned[n] = run_stage(state, f"clean/{n}", digest, lambda n=n: clean_source(cfg, n, out / "clean" / n), log)
-    files = {n: [Path(p) for p in cleaned[n]["shards"]] for n in ran}
-    empty = [n for n in ran if cleaned[n]["documents"] == 0]
-    if empty:
-        raise InputError(f"sources.{empty[0]}.input: cleaning left no document (see {out / 'clean' / empty[0]})")
-    all_files = [p for n in ran for p in files[n]]
-    tok_digest = _hash({"inputs": _fingerprint(all_files) if not cfg.tokenizer.model else None,
-                        "settings": OmegaConf.to_container(cfg.tokenizer)})
-    tok = run_stage(state, "tokenizer", tok_digest, lambda: train_or_copy_tokenizer(cfg, all_files, out), log)
-    tokenizer = Path(tok["model"])
-    tokenized = {}
-    for n in ran:
-        digest = _hash({"inputs": _fingerprint(files[n]), "tokenizer": hashlib.sha256(tokenizer.read_bytes()).hexdigest()})
-        prefix = out / f"{n}_text_document"
-        tokenized[n] = run_stage(state, f"tokenize/{n}", digest,
-                                 lambda n=n, prefix=prefix: tokenize_source(cfg, files[n], tokenizer, prefix, log), log)
+    steps = ([clean_step(cfg, state, n, out) for n in ran] + [tokenizer_step(cfg, out, ran)]
+             + [tokenize_step(cfg, out, n) for n in ran])
+    results, pending, upstream_redone, last = {}, [], False, None
+    for step in steps:
+        # on Slurm a step after one that is submitted reads files that do not exist yet: it runs
+        # (the clean steps read only raw input, and a given tokenizer is copied right away)
+        unknown = upstream_redone and not step.name.startswith("clean/") and not (
+            step.name == "tokenizer" and cfg.tokenizer.model)
+        digest = None if unknown else step.digest()
+        if digest is not None and (done := state.done(step.name, digest)) is not None:
+            log(f"[{step.name}] complete (same configuration and inputs): skipped")
+            results[step.name] = done
+            continue
+        fresh = state.attempted(step.name) not in (None, digest)
+        state.start(step.name, digest)
+        stages, logs = step.build(fresh)
+        if cfg.executor == "local":
+            log(f"[{step.name}] running")
+            start = time.perf_counter()
+            run_local(stages, logs, cfg.workers)
+            results[step.name] = state.record(step.name, step.digest(), step.result(), time.perf_counter() - start)
+            log(f"[{step.name}] done in {results[step.name]['seconds']:.1f} s")
+        else:
+            job_prefix = "pipeline_" + step.name.replace("/", "_")
+            executors = slurm_executors(stages, logs, SlurmSettings(cfg.slurm_partition), job_prefix,
+                                        depends=last) if stages else []
+            last = executors[-1] if executors else last
+            upstream_redone = upstream_redone or bool(executors)
+            pending.append((step, stages, logs, executors))
+    if pending:
+        if last is not None:
+            last.run()  # submits the whole chain, each job depending on the one before
+            log(f"submitted {sum(len(p[3]) for p in pending)} dependent Slurm jobs: "
+                + ", ".join(f"{p[0].name}={','.join(str(e.job_id) for e in p[3])}" for p in pending if p[3]))
+        for step, stages, logs, executors in pending:
+            start = time.perf_counter()
+            for stage, folder, executor in zip(stages, logs, executors):
+                wait_for_tasks(folder, stage.tasks, executor.job_id)
+            results[step.name] = state.record(step.name, step.digest(), step.result(), time.perf_counter() - start)
+            log(f"[{step.name}] done (Slurm)")
+    cleaned = {n: results[f"clean/{n}"] for n in ran}
+    tokenized = {n: results[f"tokenize/{n}"] for n in ran}
     log("[report] writing")
     report = write_report(cfg, out, ran, cleaned, tokenized, mixture)
     log(f"[report] {out / 'pipeline_report.md'}, {out / 'data_recipe.yaml'}; train with LLAMA_DATA={out}")
     return report
+
+
+@dataclass
+class SlurmSettings:
+    """The slurm_* fields slurm_executors reads (CleanConfig's defaults)."""
+
+    slurm_partition: str | None
+    slurm_time: str = "24:00:00"
+    slurm_cpus_per_task: int = 1
+    slurm_mem_per_cpu_gb: int = 2
+    slurm_venv: str | None = None

@@ -272,10 +272,7 @@ def write_index(idx_path: Path, length_chunks, count: int, dtype: np.dtype) -> N
         os.fsync(f.fileno())
 
 
-def tokenize_parallel(inputs: list[Path], tokenizer_model: Path, out_prefix: Path, workers: int = 1,
-                      shard_bytes: int = SHARD_BYTES, log=print) -> dict:
-    """Write <out_prefix>.bin/.idx from the JSONL `inputs`; returns counts (documents, tokens,
-    shards, shards reused from an interrupted run)."""
+def _checked_inputs(inputs, tokenizer_model) -> tuple[list[Path], Path]:
     files = [Path(p) for p in inputs]
     if not files:
         raise InputError("no input files")
@@ -285,9 +282,16 @@ def tokenize_parallel(inputs: list[Path], tokenizer_model: Path, out_prefix: Pat
     tokenizer_model = Path(tokenizer_model)
     if not tokenizer_model.is_file():
         raise InputError(f"{tokenizer_model}: no such tokenizer model")
+    return files, tokenizer_model
+
+
+def tokenize_parallel(inputs: list[Path], tokenizer_model: Path, out_prefix: Path, workers: int = 1,
+                      shard_bytes: int = SHARD_BYTES, log=print) -> dict:
+    """Write <out_prefix>.bin/.idx from the JSONL `inputs`; returns counts (documents, tokens,
+    shards, shards reused from an interrupted run)."""
+    files, tokenizer_model = _checked_inputs(inputs, tokenizer_model)
     if workers < 1 or shard_bytes < 1:
         raise ValueError(f"workers ({workers}) and shard_bytes ({shard_bytes}) must be >= 1")
-    dtype = token_dtype(_processor(str(tokenizer_model)).vocab_size())
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     with open(str(out_prefix) + ".lock", "w") as lock:
@@ -296,43 +300,62 @@ def tokenize_parallel(inputs: list[Path], tokenizer_model: Path, out_prefix: Pat
         except BlockingIOError:
             raise InputError(f"{out_prefix}: another tokenize run is writing this prefix") from None
         try:
-            return _tokenize_locked(files, tokenizer_model, out_prefix, workers, shard_bytes, dtype, log)
+            shards, reused = prepare_shards(files, tokenizer_model, out_prefix, shard_bytes, log)
+            todo = [s for s in shards if not shard_complete(out_prefix, s, tokenizer_model)]
+            jobs = [(s, str(tokenizer_model), shard_dir_of(out_prefix)) for s in todo]
+            if workers == 1 or len(todo) <= 1:
+                for job in jobs:
+                    _run_shard(job)
+            else:
+                ctx = multiprocessing.get_context("fork")
+                with ctx.Pool(min(workers, len(todo)), initializer=_die_with_parent) as pool:
+                    for _ in pool.imap_unordered(_run_shard, jobs):
+                        pass
+            return {**merge_shards(shards, tokenizer_model, out_prefix), "reused_shards": reused}
         finally:
             os.unlink(lock.name)
 
 
-def _tokenize_locked(files, tokenizer_model, out_prefix, workers, shard_bytes, dtype, log) -> dict:
-    shard_dir = Path(str(out_prefix) + ".shards")
+def shard_dir_of(out_prefix: Path) -> Path:
+    return Path(str(out_prefix) + ".shards")
+
+
+def shard_complete(out_prefix: Path, shard: Shard, tokenizer_model: Path) -> bool:
+    dtype = token_dtype(_processor(str(tokenizer_model)).vocab_size())
+    return _complete_lengths(shard_dir_of(out_prefix), shard.index, dtype.itemsize) is not None
+
+
+def prepare_shards(files: list[Path], tokenizer_model: Path, out_prefix: Path, shard_bytes: int,
+                   log=print) -> tuple[list[Shard], int]:
+    """The shard plan, and <prefix>.shards/ ready for it: the complete shards of the same plan are
+    kept (counted), those of another plan (inputs, tokenizer or shard size changed) removed."""
+    shard_dir = shard_dir_of(out_prefix)
     plan = _plan_record(files, tokenizer_model, shard_bytes)
     plan_file = shard_dir / "plan.json"
     if shard_dir.exists() and (not plan_file.is_file() or json.loads(plan_file.read_text()) != plan):
         log(f"{shard_dir}: shards of a different plan (inputs, tokenizer or shard size changed); starting over")
         shutil.rmtree(shard_dir)
-    shard_dir.mkdir(exist_ok=True)
+    shard_dir.mkdir(parents=True, exist_ok=True)
     if not plan_file.is_file():
         plan_file.with_suffix(".tmp").write_text(json.dumps(plan, indent=1) + "\n")
         os.replace(plan_file.with_suffix(".tmp"), plan_file)
-
     shards = plan_shards(files, shard_bytes)
-    todo = [s for s in shards if _complete_lengths(shard_dir, s.index, dtype.itemsize) is None]
-    reused = len(shards) - len(todo)
+    reused = sum(shard_complete(out_prefix, s, tokenizer_model) for s in shards)
     if reused:
         log(f"{shard_dir}: reusing {reused} of {len(shards)} complete shards")
-    jobs = [(s, str(tokenizer_model), shard_dir) for s in todo]
-    if workers == 1 or len(todo) <= 1:
-        for job in jobs:
-            _run_shard(job)
-    else:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(workers, len(todo)), initializer=_die_with_parent) as pool:
-            for _ in pool.imap_unordered(_run_shard, jobs):
-                pass
+    return shards, reused
 
+
+def merge_shards(shards: list[Shard], tokenizer_model: Path, out_prefix: Path) -> dict:
+    """<prefix>.bin/.idx from the complete shards, in order (written as .tmp, renamed, .idx last);
+    the shard folder is removed after."""
+    shard_dir = shard_dir_of(out_prefix)
+    dtype = token_dtype(_processor(str(tokenizer_model)).vocab_size())
     documents, tokens = 0, 0
     for s in shards:  # one shard's lengths in memory at a time
         lengths = _complete_lengths(shard_dir, s.index, dtype.itemsize)
         if lengths is None:
-            raise RuntimeError(f"{shard_dir}: a shard is missing after tokenization")
+            raise RuntimeError(f"{shard_dir}: shard {s.index} is missing after tokenization")
         documents, tokens = documents + len(lengths), tokens + int(lengths.sum(dtype=np.int64))
     bin_path, idx_path = Path(str(out_prefix) + ".bin"), Path(str(out_prefix) + ".idx")
     bin_tmp, idx_tmp = Path(str(bin_path) + ".tmp"), Path(str(idx_path) + ".tmp")
@@ -348,5 +371,4 @@ def _tokenize_locked(files, tokenizer_model, out_prefix, workers, shard_bytes, d
     os.replace(bin_tmp, bin_path)
     os.replace(idx_tmp, idx_path)
     shutil.rmtree(shard_dir)
-    return {"documents": documents, "tokens": tokens, "shards": len(shards), "reused_shards": reused,
-            "prefix": str(out_prefix)}
+    return {"documents": documents, "tokens": tokens, "shards": len(shards), "prefix": str(out_prefix)}

@@ -96,6 +96,9 @@ def test_pipeline_from_raw_folders_to_a_trained_mixture(tmp_path):
     third = pipeline(*args)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "[clean/books] running" in third.stderr and "[clean/c4] complete" in third.stderr
+    redone = json.loads((out / "pipeline_report.json").read_text())["sources"]
+    assert redone["books"]["tokens"] < report["sources"]["books"]["tokens"]  # the shorter book, not the old output
+    assert redone["c4"]["documents"] == report["sources"]["c4"]["documents"]
 
     # tiny_cpu, 20 steps on 2 processes, from the data recipe the pipeline wrote
     from tests.conftest import torchrun
@@ -115,3 +118,34 @@ def test_pipeline_from_raw_folders_to_a_trained_mixture(tmp_path):
     samples_drawn = 20 * 16
     for name, share in SHARES.items():  # megatron's blend keeps each source within one sample of its share
         assert abs(last[f"data/{name}_share"] * samples_drawn - share / sum(SHARES.values()) * samples_drawn) <= 1, name
+
+
+@pytest.mark.slow
+def test_pipeline_on_slurm_is_a_chain_of_dependent_jobs_with_the_local_output(tmp_path):
+    """executor=slurm on the local Slurm, two sources: every stage (clean's split/assemble and
+    arXiv's clean, the tokenizer, each source's prepare/tokenize/merge) is a job depending on the
+    one before; the datasets are byte-identical to a local run's; a second run submits nothing."""
+    from tests.test_slurm import LocalSlurm
+
+    raw = raw_sources(tmp_path / "raw")
+    common = ["tokenizer.vocab_size=600", "tokenizer.character_coverage=1.0", "sources.stackexchange.tasks=2",
+              f"sources.arxiv.input={raw['arxiv']}", f"sources.stackexchange.input={raw['stackexchange']}"]
+    local = pipeline(f"output={tmp_path / 'local'}", *common)
+    assert local.returncode == 0, local.stderr[-3000:]
+    cluster = LocalSlurm()
+    cluster.ensure(nodes=2, cpus=2)
+    try:
+        on_slurm = pipeline(f"output={tmp_path / 'slurm'}", "executor=slurm", "slurm_partition=local", *common,
+                            cwd=tmp_path)
+        again = pipeline(f"output={tmp_path / 'slurm'}", "executor=slurm", "slurm_partition=local", *common,
+                         cwd=tmp_path)
+    finally:
+        cluster.stop()
+    assert on_slurm.returncode == 0, on_slurm.stderr[-4000:]
+    submitted = next(line for line in on_slurm.stderr.splitlines() if line.startswith("submitted"))
+    assert submitted.startswith("submitted 10 dependent Slurm jobs"), submitted
+    for name in ("arxiv", "stackexchange"):
+        for suffix in (".bin", ".idx"):
+            a = (tmp_path / "local" / f"{name}_text_document{suffix}").read_bytes()
+            assert a == (tmp_path / "slurm" / f"{name}_text_document{suffix}").read_bytes(), (name, suffix)
+    assert again.returncode == 0 and "submitted" not in again.stderr and again.stderr.count("skipped") == 5

@@ -172,6 +172,30 @@ def test_identical_bytes_for_any_worker_count_and_the_baseline(corpus, tmp_path)
     assert files_equal(tmp_path / "parts", baseline)
 
 
+def test_datatrove_tokenization_tasks_are_byte_identical_for_any_task_count(corpus, tmp_path):
+    """The pipeline's tokenization stages (prepare, tokenize in N datatrove tasks, merge) over two
+    files of one source: the same bytes as the one-process baseline for 1 and 3 tasks; the default
+    shard planning cuts a small input into several shards, so 3 tasks all have work."""
+    from data_prep.clean import run_local
+    from data_prep.tokenize_tasks import tokenize_stages
+
+    jsonl, model, baseline = corpus
+    lines = jsonl.read_bytes().splitlines(keepends=True)
+    source = tmp_path / "clean"
+    source.mkdir()
+    (source / "00000.jsonl").write_bytes(b"".join(lines[:300]))
+    (source / "00001.jsonl").write_bytes(b"".join(lines[300:]))
+    for tasks in (1, 3):
+        stages = tokenize_stages(source, model, tmp_path / f"t{tasks}", tasks, shard_bytes=20_000)
+        logs = [tmp_path / "logs" / str(tasks) / st.name for st in stages]
+        run_local(stages, logs, workers=2)
+        assert files_equal(tmp_path / f"t{tasks}", baseline), tasks
+        counts = json.loads((tmp_path / f"t{tasks}.tokenize.json").read_text())
+        assert counts["documents"] == len(lines) and counts["shards"] > 3
+        stats = json.loads((logs[1] / "stats.json").read_text())
+        assert sum(1 for _ in (logs[1] / "completions").iterdir()) == tasks and stats
+
+
 def wait_for_lock_release(lock_path, timeout=30):
     import fcntl
 
