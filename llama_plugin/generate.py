@@ -65,11 +65,13 @@ def pick_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: flo
 
 def generate_ids(model, prompt: list[int], max_new_tokens: int, *, greedy=True, temperature=1.0,
                  top_p=1.0, seed=0, eos_id: int | None = None, max_length: int | None = None,
-                 vocab_limit: int | None = None, should_stop=None) -> list[int]:
+                 vocab_limit: int | None = None, should_stop=None, pad_multiple: int = 1) -> list[int]:
     """New token ids after `prompt`; collective over the model-parallel group.
 
     `vocab_limit`: sample only ids below it (a model vocabulary padded past the tokenizer's).
     `should_stop(new_ids) -> bool`: end early (a stop string); every rank must decide alike.
+    `pad_multiple`: the sequence is right-padded to a multiple of it (the tensor-parallel size under
+    sequence parallelism); a causal model's logits before the padding do not change.
     """
     gen = torch.Generator().manual_seed(seed)
     tokens = list(prompt)
@@ -77,11 +79,12 @@ def generate_ids(model, prompt: list[int], max_new_tokens: int, *, greedy=True, 
     for _ in range(max_new_tokens):
         if max_length is not None and len(tokens) >= max_length:
             break
+        width = -(-len(tokens) // pad_multiple) * pad_multiple
         with torch.no_grad():
-            logits = last_stage_logits(model, torch.tensor([tokens]))
+            logits = last_stage_logits(model, torch.tensor([tokens + [0] * (width - len(tokens))]))
         nxt = torch.tensor([-1], device=device())
         if logits is not None:
-            nxt[0] = pick_next(logits[0, -1, :vocab_limit].cpu(), greedy, temperature, top_p, gen)
+            nxt[0] = pick_next(logits[0, len(tokens) - 1, :vocab_limit].cpu(), greedy, temperature, top_p, gen)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, src=last_rank, group=parallel_state.get_pipeline_model_parallel_group())
         tokens.append(int(nxt[0]))

@@ -64,12 +64,14 @@ def resolve(cfg, world_size: int, have_te: bool | None = None, have_cuda: bool |
             f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size * data-parallel "
             f"size = {t.micro_batch_size} * {p.data}")
     if t.eval_tasks:
+        from llama_plugin.eval.generation_tasks import IN_LOOP_GENERATIVE
         from llama_plugin.eval.tasks import MMLU, OLMO_TASKS
 
+        known = [*OLMO_TASKS, MMLU, *IN_LOOP_GENERATIVE]
         for task in t.eval_tasks:
-            if task not in OLMO_TASKS and task != MMLU:
-                raise RecipeError(f"train.eval_tasks: unknown task {task!r}; known: {', '.join(OLMO_TASKS)}, {MMLU}")
-        for key in ("eval_tasks_interval", "eval_tasks_limit"):
+            if task not in known:
+                raise RecipeError(f"train.eval_tasks: unknown task {task!r}; known in the loop: {', '.join(known)}")
+        for key in ("eval_tasks_interval", "eval_tasks_limit", "eval_tasks_max_new_tokens"):
             if t[key] is not None and t[key] < 1:
                 raise RecipeError(f"train.{key}: must be >= 1 or null, got {t[key]}")
     try:

@@ -143,6 +143,7 @@ class TrainConfig:
     eval_tasks: List[str] = field(default_factory=list)
     eval_tasks_interval: Optional[int] = None
     eval_tasks_limit: Optional[int] = None
+    eval_tasks_max_new_tokens: int = 32  # nq / triviaqa in the loop: greedy answer budget
     save_interval: int = 1000
     keep_checkpoints: int = 2
     run_dir: str = "runs/${name}"

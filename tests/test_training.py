@@ -233,15 +233,16 @@ def test_metrics_reach_jsonl_and_wandb_offline(demo_data, tmp_path):
 
     run_dir = tmp_path / "run"
     run(demo_data, run_dir, "logging.wandb_mode=offline", "train.steps=6", "train.eval_interval=3",
-        "train.eval_tasks=[piqa,boolq]", "train.eval_tasks_limit=6")
+        "train.eval_tasks=[piqa,boolq,nq]", "train.eval_tasks_limit=6", "train.eval_tasks_max_new_tokens=6")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # in-loop benchmarks (TP=2 + sequence parallel) at the eval steps, equal to the offline command
     # on the final checkpoint (loaded at TP=1)
-    evals = {f"eval/{t}/{m}" for t in ("piqa", "boolq") for m in ("acc", "acc_norm", "llama_acc")}
+    evals = {f"eval/{t}/{m}" for t in ("piqa", "boolq") for m in ("acc", "acc_norm", "llama_acc")} | {"eval/nq/exact_match"}
     assert [r["step"] for r in rows if evals <= r.keys()] == [3, 6]
     r = subprocess.run([sys.executable, "-m", "llama_plugin.eval", "--model", str(run_dir / "checkpoints" / "step_00000006"),
-                        "--tokenizer", str(demo_data / "tokenizer.model"), "--tasks", "piqa,boolq", "--limit", "6"],
+                        "--tokenizer", str(demo_data / "tokenizer.model"), "--tasks", "piqa,boolq,nq", "--limit", "6",
+                        "--max-new-tokens", "6"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     offline = json.loads(r.stdout.strip().splitlines()[-1])["tasks"]

@@ -29,6 +29,7 @@ QA_HEADER = "Answer these questions:\n"
 CODEX_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 GSM8K_STOP = ("Question:", "\n\n")
 GENERATION_TASKS = ("nq", "triviaqa", "gsm8k", "humaneval")
+IN_LOOP_GENERATIVE = ("nq", "triviaqa")  # greedy and short: scored during training too (train.eval_tasks)
 # what each task's command line defaults are (the LLaMA paper's settings where it states them)
 DEFAULT_MAX_NEW_TOKENS = {"nq": 32, "triviaqa": 32, "gsm8k": 256, "humaneval": 512}
 
