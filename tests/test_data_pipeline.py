@@ -58,9 +58,9 @@ def raw_sources(root: Path) -> dict[str, Path]:
     return raw
 
 
-def pipeline(*overrides, cwd=ROOT):
+def pipeline(*overrides):
     return subprocess.run([sys.executable, "-m", "data_prep", "pipeline", "data_pipeline", *map(str, overrides)],
-                          cwd=cwd, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
@@ -135,10 +135,8 @@ def test_pipeline_on_slurm_is_a_chain_of_dependent_jobs_with_the_local_output(tm
     cluster = LocalSlurm()
     cluster.ensure(nodes=2, cpus=2)
     try:
-        on_slurm = pipeline(f"output={tmp_path / 'slurm'}", "executor=slurm", "slurm_partition=local", *common,
-                            cwd=tmp_path)
-        again = pipeline(f"output={tmp_path / 'slurm'}", "executor=slurm", "slurm_partition=local", *common,
-                         cwd=tmp_path)
+        on_slurm = pipeline(f"output={tmp_path / 'slurm'}", "executor=slurm", "slurm_partition=local", *common)
+        again = pipeline(f"output={tmp_path / 'slurm'}", "executor=slurm", "slurm_partition=local", *common)
     finally:
         cluster.stop()
     assert on_slurm.returncode == 0, on_slurm.stderr[-4000:]
