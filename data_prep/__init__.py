@@ -1,7 +1,10 @@
 """The LLaMA data recipe: raw text -> cleaned JSONL -> SentencePiece BPE tokenizer -> megatron-core
 indexed datasets (.bin/.idx per source) that the training recipes blend.
 
-This first version holds what the CPU demo needs (a real English corpus available offline, the
-tokenizer with LLaMA's settings, tokenization); the per-source cleaners, dedup and mixture tools
-are the data_prep issue.
+    clean.py, sources/   the seven sources' cleaners and corpus-wide dedups as datatrove stages
+    tokenizer.py         SentencePiece BPE with LLaMA's settings; hf_tokenizer.py its HF folder
+    tokenize_parallel.py JSONL -> .bin/.idx in N processes (tokenize_tasks.py: as datatrove tasks)
+    mixture.py           blend weights and epochs per source for a token budget
+    pipeline.py          all of it in one command, locally or as dependent Slurm jobs
+    corpus.py, samples.py  the demo book and the real raw samples the tests use
 """
