@@ -122,7 +122,7 @@ class Step:
     result: object  # () -> dict
 
 
-def clean_step(cfg, state: State, name: str, out: Path) -> Step:
+def clean_step(cfg, name: str, out: Path) -> Step:
     from data_prep.clean import finish, load_config, plan
 
     src = cfg.sources[name]
@@ -290,7 +290,7 @@ def run_pipeline(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)) -> di
     for n in cfg.sources:
         if n not in ran:
             log(f"[clean/{n}] no input (sources.{n}.input): left out")
-    steps = ([clean_step(cfg, state, n, out) for n in ran] + [tokenizer_step(cfg, out, ran)]
+    steps = ([clean_step(cfg, n, out) for n in ran] + [tokenizer_step(cfg, out, ran)]
              + [tokenize_step(cfg, out, n) for n in ran])
     results, pending, upstream_redone, last = {}, [], False, None
     for step in steps:

@@ -21,7 +21,6 @@ from data_prep.__main__ import main as data_prep_main
 from data_prep.hf_tokenizer import export_hf_tokenizer
 from data_prep.mixture import (MixtureError, blend_weights, dataset_size, effective_epochs, implied_source_tokens,
                                mixture_report)
-from data_prep.tokenize_docs import tokenize_jsonl
 from data_prep.tokenize_parallel import InputError, tokenize_parallel
 from data_prep.tokenizer import train_tokenizer
 from recipes import compose
