@@ -36,9 +36,13 @@ def hf_reference(model):
     return logits, ids
 
 
-@pytest.fixture(params=["mha", "gqa"])
+@pytest.fixture(params=["mha", "gqa", "llama2_70b_like"])
 def converted(request, hf_tiny, hf_tiny_gqa, tmp_path):
-    hf_dir, model = hf_tiny if request.param == "mha" else hf_tiny_gqa
+    if request.param == "llama2_70b_like":  # LLaMA-2 70B's choices at tiny size: one KV head, RMSNorm eps 1e-5
+        hf_dir = tmp_path / "hf_llama2"
+        model = make_hf_llama(hf_dir, num_key_value_heads=1, seed=2, rms_norm_eps=1e-5)
+    else:
+        hf_dir, model = hf_tiny if request.param == "mha" else hf_tiny_gqa
     hf_to_mcore(hf_dir, tmp_path / "mcore")
     return hf_dir, model, tmp_path / "mcore"
 

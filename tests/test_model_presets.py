@@ -19,6 +19,25 @@ PAPER = {
 }
 
 
+# LLaMA-2 (LLAMA_FACTS.md, "Other seed systems"): 7B/13B keep LLaMA-1's shapes; 70B uses 8 key/value
+# groups and a 28,672 SwiGLU; all have a 4,096-token context and RMSNorm eps 1e-5 (the released params).
+LLAMA2 = {
+    "llama2_7b": dict(params=6_738_415_616, groups=32, ffn=11008),
+    "llama2_13b": dict(params=13_015_864_320, groups=40, ffn=13824),
+    "llama2_70b": dict(params=68_976_648_192, groups=8, ffn=28672),
+}
+
+
+@pytest.mark.parametrize("preset", LLAMA2)
+def test_llama2_presets_match_the_published_counts(preset):
+    facts = describe(model_cfg(f"model={preset}"))
+    want = LLAMA2[preset]
+    assert (facts["num_parameters"], facts["num_query_groups"], facts["ffn_hidden_size"]) == (
+        want["params"], want["groups"], want["ffn"])
+    assert (facts["seq_length"], facts["norm_epsilon"], facts["vocab_size"]) == (4096, 1e-5, 32000)
+    assert facts["share_embeddings_and_output_weights"] is False
+
+
 def model_cfg(*overrides):
     return compose("describe", list(overrides), DescribeConfig).model
 

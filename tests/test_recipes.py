@@ -38,6 +38,22 @@ def test_paper_recipes(size):
     assert notes == []
 
 
+@pytest.mark.parametrize("size,lr", [("7b", 3.0e-4), ("13b", 3.0e-4), ("70b", 1.5e-4)])
+def test_llama2_recipes(size, lr):
+    """LLaMA-2's table 1: 2.0T tokens, 4M tokens per step at a 4,096 context, peak lr 3e-4 (7B, 13B)
+    and 1.5e-4 (70B), AdamW eps 1e-5 and LLaMA's schedule; the layout fits 2,048 GPUs."""
+    cfg = recipe(f"llama2_{size}_pretrain")
+    o, t = cfg.optimizer, cfg.train
+    assert (o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.clip_grad, o.warmup_steps, o.min_lr_ratio,
+            o.decay_style) == (lr, 0.9, 0.95, 1e-5, 0.1, 1.0, 2000, 0.1, "cosine")
+    assert cfg.model.seq_length == 4096 and t.global_batch_size * cfg.model.seq_length == 4 * 2**20
+    assert t.steps == math.ceil(2.0e12 / (4 * 2**20))
+    assert cfg.model.num_query_groups == (8 if size == "70b" else None)
+    resolved, notes = resolve(cfg, 2048, have_te=True, have_cuda=True)
+    p = resolved.parallel
+    assert p.tensor * p.pipeline * p.data == 2048 and t.global_batch_size % p.data == 0 and notes == []
+
+
 def test_llama_mixture_shares():
     cfg = recipe("llama_7b_pretrain")
     shares = {k: v.weight for k, v in cfg.data.sources.items()}
