@@ -17,7 +17,7 @@ import torch
 
 from llama_plugin import flops
 from llama_plugin.distributed import init_distributed
-from llama_plugin.model import ModelConfigError, build_gpt_model, ffn_hidden_size, num_query_groups, transformer_config
+from llama_plugin.model import ModelConfigError, build_gpt_model, ffn_hidden_size, head_dim, num_query_groups, transformer_config
 from recipes import RecipeError, compose
 from recipes.schema import DescribeConfig
 
@@ -42,11 +42,13 @@ def describe(model_cfg) -> dict:
         "ffn_hidden_size": ffn_hidden_size(model_cfg),
         "num_attention_heads": model_cfg.num_attention_heads,
         "num_query_groups": num_query_groups(model_cfg),
-        "head_dim": model_cfg.hidden_size // model_cfg.num_attention_heads,
+        "head_dim": head_dim(model_cfg),
         "vocab_size": model_cfg.vocab_size,
         "seq_length": model_cfg.seq_length,
         "norm_epsilon": model_cfg.norm_epsilon,
         "rotary_base": model_cfg.rotary_base,
+        "sliding_window": model_cfg.sliding_window,
+        **{k: model_cfg[k] for k in ("normalization", "activation", "position_embedding", "bias", "parallel_layers")},
         "share_embeddings_and_output_weights": model_cfg.share_embeddings_and_output_weights,
         "flops_per_token": flops.flops_per_token(n, model_cfg),
         "flops_formula": flops.FORMULA,

@@ -1,5 +1,8 @@
 """Hugging Face LLaMA folders: reading, writing, and the name/layout map to megatron-core.
 
+LLaMA (model_type "llama") and Mistral (model_type "mistral": LLaMA's tensors plus a sliding
+window) folders share names and layout; a model recipe with `sliding_window` is written as Mistral.
+
 An HF folder is config.json plus model.safetensors (or shards listed in
 model.safetensors.index.json). megatron-core differs from HF in three places:
   - q, k, v are one `linear_qkv` weight, grouped per key/value head: for each query group,
@@ -50,6 +53,9 @@ def model_config_from_hf(hf_dir) -> tuple:
             raise HFFolderError(f"{path}: field '{key}' missing")
         return hf[key]
 
+    model_type = hf.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        raise HFFolderError(f"{path}: field 'model_type' is {model_type!r}; only 'llama' and 'mistral' are read")
     unsupported = {
         "hidden_act": ("silu", hf.get("hidden_act", "silu")),
         "attention_bias": (False, hf.get("attention_bias", False)),
@@ -79,6 +85,7 @@ def model_config_from_hf(hf_dir) -> tuple:
             seq_length=hf.get("max_position_embeddings", 2048),
             norm_epsilon=hf.get("rms_norm_eps", 1e-6),
             rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
             init_method_std=hf.get("initializer_range", 0.02),
             share_embeddings_and_output_weights=hf.get("tie_word_embeddings", False),
         )
@@ -87,13 +94,23 @@ def model_config_from_hf(hf_dir) -> tuple:
 
 
 def hf_config_from_model(model_cfg, dtype: torch.dtype, base: dict | None = None) -> dict:
-    """An HF LlamaConfig dict for `model_cfg`; `base` keeps fields we do not own (token ids)."""
+    """An HF LlamaConfig (MistralConfig with a sliding window) dict for `model_cfg`; `base` keeps
+    fields we do not own (token ids)."""
     from llama_plugin.model import ffn_hidden_size, num_query_groups
 
+    llama = dict(normalization="RMSNorm", activation="swiglu", position_embedding="rope", bias=False,
+                 head_dim=None, parallel_layers=False)
+    for key, want in llama.items():
+        if model_cfg[key] != want:
+            raise HFFolderError(f"model.{key}={model_cfg[key]!r}: only LLaMA-shaped models (and Mistral's "
+                                f"sliding window) are written as HF folders; this field must be {want!r}")
     hf = dict(base or {})
+    if model_cfg.sliding_window is not None:
+        hf.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=model_cfg.sliding_window)
+    else:
+        hf.update(architectures=["LlamaForCausalLM"], model_type="llama")
+        hf.pop("sliding_window", None)
     hf.update(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
         hidden_size=model_cfg.hidden_size,
         intermediate_size=ffn_hidden_size(model_cfg),
         num_hidden_layers=model_cfg.num_layers,

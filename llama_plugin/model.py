@@ -6,6 +6,8 @@ parallel_state (see distributed.py), so the same recipe builds a TP=1 or a TP=2/
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -17,12 +19,14 @@ from llama_plugin.layers.spec import llama_block_spec
 
 
 # How megatron-core splits each weight over tensor-parallel ranks (by name suffix): the dimension;
-# anything else (the RMSNorm weights) is replicated.
+# anything else (norm weights and biases, the row-parallel biases, learned positions) is replicated.
 _TP_SPLIT_DIM = {
     "embedding.word_embeddings.weight": 0,      # vocab-parallel embedding
     "output_layer.weight": 0,                   # column-parallel over the vocabulary
     "self_attention.linear_qkv.weight": 0,      # column-parallel over query groups
+    "self_attention.linear_qkv.bias": 0,
     "mlp.linear_fc1.weight": 0,                 # column-parallel; gate and up halves split alike
+    "mlp.linear_fc1.bias": 0,
     "self_attention.linear_proj.weight": 1,     # row-parallel
     "mlp.linear_fc2.weight": 1,                 # row-parallel
 }
@@ -48,12 +52,34 @@ def num_query_groups(model) -> int:
     return model.num_query_groups or model.num_attention_heads
 
 
+def head_dim(model) -> int:
+    return model.head_dim or model.hidden_size // model.num_attention_heads
+
+
+CHOICES = {
+    "normalization": ("RMSNorm", "LayerNorm"),
+    "activation": ("swiglu", "geglu", "gelu"),
+    "position_embedding": ("rope", "learned_absolute"),
+}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation: GPT-2/3's "gelu_new", T5's gated-GELU, megatron's fused bias_gelu."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"swiglu": (F.silu, True), "geglu": (gelu_tanh, True), "gelu": (gelu_tanh, False)}
+
+
 def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
     """Raise ModelConfigError naming the first field that does not fit the model or the layout."""
     heads, groups = model.num_attention_heads, num_query_groups(model)
+    for field, allowed in CHOICES.items():
+        if getattr(model, field) not in allowed:
+            raise ModelConfigError(f"model.{field}: {getattr(model, field)!r} is not one of {', '.join(allowed)}")
     rules = [
-        (model.hidden_size % heads == 0, "model.hidden_size",
-         f"hidden_size={model.hidden_size} is not divisible by num_attention_heads={heads}"),
+        (model.head_dim is not None or model.hidden_size % heads == 0, "model.hidden_size",
+         f"hidden_size={model.hidden_size} is not divisible by num_attention_heads={heads} (or set model.head_dim)"),
         (heads % groups == 0, "model.num_query_groups",
          f"num_attention_heads={heads} is not divisible by num_query_groups={groups}"),
         (heads % tensor_parallel == 0, "model.num_attention_heads",
@@ -66,10 +92,26 @@ def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 
          f"vocab_size={model.vocab_size} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
         (model.num_layers % pipeline_parallel == 0, "model.num_layers",
          f"num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size={pipeline_parallel}"),
+        (model.sliding_window is None or model.sliding_window >= 1, "model.sliding_window",
+         f"sliding_window={model.sliding_window} must be at least 1 (or null for full attention)"),
     ]
     for ok, field, message in rules:
         if not ok:
             raise ModelConfigError(f"{field}: {message}")
+
+
+def attention_window(model) -> tuple[int, int] | None:
+    """megatron-core's `window_size` (keys before, keys after each query) for the recipe's sliding
+    window: a token sees itself and `sliding_window - 1` tokens before it, as Mistral's mask
+    (kv > q - window). None when attention is fully causal; a window that covers the whole sequence
+    changes nothing and is dropped with a warning."""
+    if model.sliding_window is None:
+        return None
+    if model.sliding_window >= model.seq_length:
+        warnings.warn(f"model.sliding_window={model.sliding_window} >= seq_length={model.seq_length}: "
+                      "every token already sees the whole context; the window changes nothing", stacklevel=2)
+        return None
+    return (model.sliding_window - 1, 0)
 
 
 def transformer_config(
@@ -90,21 +132,24 @@ def transformer_config(
     """
     check_model_shape(model, tensor_parallel, pipeline_parallel)
     on_gpu = torch.cuda.is_available()
+    activation_func, gated = ACTIVATIONS[model.activation]
     settings = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=num_query_groups(model),
+        kv_channels=head_dim(model),
         ffn_hidden_size=ffn_hidden_size(model),
         # LLaMA: pre-norm RMSNorm, SwiGLU (silu-gated linear unit), no biases, no dropout.
-        normalization="RMSNorm",
+        normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
+        gated_linear_unit=gated,
+        activation_func=activation_func,
+        add_bias_linear=model.bias,
+        add_qkv_bias=model.bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        window_size=attention_window(model),
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
@@ -116,10 +161,11 @@ def transformer_config(
         use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
         perform_initialization=perform_initialization,
         # Fused kernels exist only on GPU: SwiGLU's (megatron's own), and RoPE's (TransformerEngine's).
-        # The SDPA attention core needs no softmax fusion.
-        bias_activation_fusion=on_gpu,
+        # The SDPA attention core needs no softmax fusion. megatron's fused GELUs take only F.gelu,
+        # yet compute the tanh approximation; gelu_tanh runs unfused, the same on CPU and GPU.
+        bias_activation_fusion=on_gpu and model.activation == "swiglu",
         masked_softmax_fusion=False,
-        apply_rope_fusion=on_gpu and transformer_impl == "te",
+        apply_rope_fusion=on_gpu and transformer_impl == "te" and model.position_embedding == "rope",
     )
     settings.update(overrides)
     return TransformerConfig(**settings)
@@ -134,13 +180,14 @@ def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = Non
     """
     model = GPTModel(
         config=config,
-        transformer_layer_spec=llama_block_spec(config, transformer_impl, vp_stage=vp_stage),
+        transformer_layer_spec=llama_block_spec(config, transformer_impl, vp_stage=vp_stage,
+                                                parallel_layers=model.parallel_layers),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
-        position_embedding_type="rope",
+        position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
         rotary_percent=1.0,
         vp_stage=vp_stage,

@@ -26,7 +26,22 @@ class ModelConfig:
     seq_length: int = 2048
     norm_epsilon: float = 1e-6
     rotary_base: float = 10000.0
+    # Sliding-window attention (the Mistral-7B shape): each token sees itself and the window - 1
+    # tokens before it. None: full causal attention. A window >= seq_length changes nothing (warned).
+    sliding_window: Optional[int] = None
     init_method_std: float = 0.02
+    # The layer choices the seed systems differ in (LLAMA_FACTS.md, "Other seed systems"); the
+    # defaults are LLaMA's. norm: RMSNorm | LayerNorm. activation: swiglu | geglu (LaMDA's gated
+    # GELU) | gelu (GPT-3's; GELU is the tanh approximation, as GPT-2/3 and T5 have it).
+    # position_embedding: rope | learned_absolute (GPT-3). bias: biases in every linear and
+    # LayerNorm (GPT-3). head_dim: None means hidden_size / heads (LaMDA: 128 with d 8192 and 128
+    # heads). parallel_layers: PaLM's y = x + attn(norm(x)) + mlp(norm(x)).
+    normalization: str = "RMSNorm"
+    activation: str = "swiglu"
+    position_embedding: str = "rope"
+    bias: bool = False
+    head_dim: Optional[int] = None
+    parallel_layers: bool = False
     # LLaMA keeps the input embedding and output projection separate.
     share_embeddings_and_output_weights: bool = False
     # Modules of the layer (llama_plugin/layers/spec.py): local (megatron-core linears, SDPA

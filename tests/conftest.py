@@ -8,18 +8,23 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 
 def make_hf_llama(path, *, num_key_value_heads=4, seed=0, dtype="float32", num_layers=2, vocab=512, hidden=64,
-                  intermediate=192, rms_norm_eps=1e-6):
-    """A randomly initialised tiny HF LlamaForCausalLM saved as config.json + model.safetensors."""
+                  intermediate=192, rms_norm_eps=1e-6, sliding_window=None):
+    """A randomly initialised tiny HF LlamaForCausalLM (MistralForCausalLM with a sliding window)
+    saved as config.json + model.safetensors."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
+    shape = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=128,
         rms_norm_eps=rms_norm_eps, tie_word_embeddings=False,
     )
-    model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    if sliding_window is None:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=sliding_window))
+    model = model.to(getattr(torch, dtype)).eval()
     model.save_pretrained(path)
     return model
 

@@ -36,11 +36,16 @@ def hf_reference(model):
     return logits, ids
 
 
-@pytest.fixture(params=["mha", "gqa", "llama2_70b_like"])
+@pytest.fixture(params=["mha", "gqa", "llama2_70b_like", "mistral_sliding_window"])
 def converted(request, hf_tiny, hf_tiny_gqa, tmp_path):
     if request.param == "llama2_70b_like":  # LLaMA-2 70B's choices at tiny size: one KV head, RMSNorm eps 1e-5
         hf_dir = tmp_path / "hf_llama2"
         model = make_hf_llama(hf_dir, num_key_value_heads=1, seed=2, rms_norm_eps=1e-5)
+    elif request.param == "mistral_sliding_window":
+        # MistralForCausalLM, a window of 16 keys: the 64- and 128-token sequences and the 37-token
+        # generation reach past it, so a full-causal model would differ.
+        hf_dir = tmp_path / "hf_mistral"
+        model = make_hf_llama(hf_dir, num_key_value_heads=2, seed=4, rms_norm_eps=1e-5, sliding_window=16)
     else:
         hf_dir, model = hf_tiny if request.param == "mha" else hf_tiny_gqa
     hf_to_mcore(hf_dir, tmp_path / "mcore")
@@ -59,6 +64,22 @@ def test_logits_and_greedy_match_hf(converted):
     assert len(set(ref_ids)) > 4  # a degenerate (constant) generation would prove little
 
 
+def test_the_window_changes_the_reference(tmp_path):
+    """The Mistral case proves the window only if full causal attention would differ."""
+    import transformers
+
+    mistral = make_hf_llama(tmp_path / "m", num_key_value_heads=2, seed=4, rms_norm_eps=1e-5, sliding_window=16)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        k: getattr(mistral.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads", "num_key_value_heads", "rms_norm_eps")}))
+    llama.load_state_dict(mistral.state_dict())
+    seq = torch.tensor([sequences()[3]])
+    with torch.no_grad():
+        a, b = mistral(seq).logits[0], llama.eval()(seq).logits[0]
+    assert torch.equal(a[:16], b[:16])  # inside the window the two agree
+    assert (a[16:] - b[16:]).abs().max() > 1e-2
+
+
 def test_round_trip_is_bit_exact(converted, tmp_path):
     hf_dir, _, ckpt = converted
     mcore_to_hf(ckpt, tmp_path / "back")
@@ -68,9 +89,10 @@ def test_round_trip_is_bit_exact(converted, tmp_path):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     cfg_a = json.loads((hf_dir / "config.json").read_text())
     cfg_b = json.loads((tmp_path / "back" / "config.json").read_text())
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "rms_norm_eps", "bos_token_id", "eos_token_id"):
-        assert cfg_a[key] == cfg_b[key], key
+    for key in ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "vocab_size", "rms_norm_eps", "bos_token_id",
+                "eos_token_id", "sliding_window"):
+        assert cfg_a.get(key) == cfg_b.get(key), key
 
 
 def test_bf16_round_trip_is_bit_exact(tmp_path):
@@ -87,7 +109,8 @@ def test_hf_loads_the_exported_folder(converted, tmp_path):
 
     _, hf_model, ckpt = converted
     mcore_to_hf(ckpt, tmp_path / "back")
-    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(reloaded) is type(hf_model)
     seq = torch.tensor([sequences()[2]])
     with torch.no_grad():
         assert torch.equal(reloaded(seq).logits, hf_model(seq).logits)

@@ -15,16 +15,18 @@ from llama_plugin.layers.attention import SDPAttention
 from llama_plugin.layers.norm import RMSNorm
 from llama_plugin.model import transformer_config
 from tests.workers import attention_core_parity
+from recipes import validate
+from recipes.schema import ModelConfig
 
 TOL = 1e-6
 
 
 def _config(heads=4, groups=4, head_dim=32, dtype=torch.float32):
     init_distributed(1, 1)
-    model = OmegaConf.create(dict(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
+    model = validate(OmegaConf.create(dict(name="t", num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
                                   num_query_groups=groups, ffn_hidden_size=64, ffn_multiple_of=256, vocab_size=64,
                                   seq_length=512, norm_epsilon=1e-6, rotary_base=10000.0, init_method_std=0.02,
-                                  share_embeddings_and_output_weights=False))
+                                  share_embeddings_and_output_weights=False)), ModelConfig)
     return transformer_config(model, params_dtype=dtype)
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from llama_plugin.describe import count_parameters, describe
+from llama_plugin.model import ModelConfigError
 from recipes import RecipeError, compose
 from recipes.schema import DescribeConfig
 
@@ -36,6 +37,27 @@ def test_llama2_presets_match_the_published_counts(preset):
         want["params"], want["groups"], want["ffn"])
     assert (facts["seq_length"], facts["norm_epsilon"], facts["vocab_size"]) == (4096, 1e-5, 32000)
     assert facts["share_embeddings_and_output_weights"] is False
+
+
+def test_sliding_window_7b_matches_the_published_count():
+    facts = describe(model_cfg("model=mistral_7b"))
+    assert facts["num_parameters"] == 7_241_732_096
+    assert (facts["num_query_groups"], facts["ffn_hidden_size"], facts["seq_length"], facts["sliding_window"]) == (
+        8, 14336, 8192, 4096)
+    # attention FLOPs count the 4,096 keys each token sees, not the 8,192-token context
+    full = describe(model_cfg("model=mistral_7b", "model.sliding_window=null"))
+    assert full["flops_per_token"] - facts["flops_per_token"] == 12 * 32 * 32 * 128 * 4096
+
+
+def test_a_window_covering_the_sequence_is_a_warned_no_op():
+    from llama_plugin.model import transformer_config
+
+    cfg = model_cfg("model=tiny", "model.sliding_window=128")
+    with pytest.warns(UserWarning, match="sliding_window=128 >= seq_length=128"):
+        assert transformer_config(cfg).window_size is None
+    assert transformer_config(model_cfg("model=tiny", "model.sliding_window=16")).window_size == (15, 0)
+    with pytest.raises(ModelConfigError, match="model.sliding_window"):
+        transformer_config(model_cfg("model=tiny", "model.sliding_window=0"))
 
 
 def model_cfg(*overrides):

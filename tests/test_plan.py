@@ -17,6 +17,8 @@ from llama_plugin.plan import cost, sizing
 from llama_plugin.plan.__main__ import main, plan_recipe, resolved_recipe
 from llama_plugin.plan.memory import Layout, stage_memory
 from tests.workers import plan_measurements
+from recipes import validate
+from recipes.schema import ModelConfig
 
 # Shapes with something to catch: 2 KV groups (GQA), SwiGLU width 384 = 3h.
 MODEL = dict(name="plan_tiny", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
@@ -50,7 +52,7 @@ def measured(tmp_path_factory):
 def predicted(lay: dict, row: dict):
     from omegaconf import OmegaConf
 
-    model = OmegaConf.create({**MODEL, **lay.get("model", {})})
+    model = validate(OmegaConf.create({**MODEL, **lay.get("model", {})}), ModelConfig)
     layout = Layout(lay.get("tp", 1), lay.get("pp", 1), row["dp"], lay["micro_batch"], lay["recompute"],
                     lay.get("sequence_parallel", False), lay.get("distributed_optimizer", False),
                     lay.get("overlap_grad_reduce", False), lay.get("bucket_size"))

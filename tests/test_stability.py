@@ -11,17 +11,19 @@ from llama_plugin import checkpoint
 from llama_plugin.distributed import init_distributed
 from llama_plugin.model import build_gpt_model, transformer_config
 from llama_plugin.stability import manifest
+from recipes import validate
+from recipes.schema import ModelConfig
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A checkpoint of a tiny model (and the model), written by save_checkpoint in a world of one."""
     init_distributed(1, 1)
-    model_cfg = OmegaConf.create(dict(name="t", num_layers=2, hidden_size=64, num_attention_heads=4,
+    model_cfg = validate(OmegaConf.create(dict(name="t", num_layers=2, hidden_size=64, num_attention_heads=4,
                                       num_query_groups=None, ffn_hidden_size=128, ffn_multiple_of=256,
                                       vocab_size=256, seq_length=32, norm_epsilon=1e-6, rotary_base=10000.0,
                                       init_method_std=0.02, share_embeddings_and_output_weights=False,
-                                      transformer_impl="local"))
+                                      transformer_impl="local")), ModelConfig)
     model = build_gpt_model(model_cfg, transformer_config(model_cfg))
     out = tmp_path_factory.mktemp("ckpt") / "step_00000001"
     checkpoint.save_checkpoint([model], out, model_cfg, torch.float32, train_state={"step": 1})

@@ -14,6 +14,8 @@ from llama_plugin.hf import HFWeights, model_config_from_hf
 from llama_plugin.model import build_gpt_model, transformer_config
 from llama_plugin.train import transformer_overrides
 from llama_plugin.train_step import Batch, build_optimizer, train_step, wrap_ddp
+from recipes import validate
+from recipes.schema import ModelConfig
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 32
 
@@ -102,19 +104,20 @@ def attention_core_parity(result_path: str, hf_dir: str, tp: int, sequence_paral
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from llama_plugin.generate import last_stage_logits
-    from llama_plugin.layers import spec
+    from llama_plugin.layers import attention
 
     model_cfg, _ = model_config_from_hf(hf_dir)
     init_distributed(tp, 1)
     config = transformer_config(model_cfg, tensor_parallel=tp, sequence_parallel=sequence_parallel,
                                 perform_initialization=False)
-    attn = spec.local_llama_layer.submodules.self_attention.submodules
-    models = {}
-    for name, core in (("sdpa", spec.SDPAttention), ("megatron", DotProductAttention)):
-        attn.core_attention = core
-        models[name] = build_gpt_model(model_cfg, config)
+    sdpa, models = attention.SDPAttention, {}
+    for name, core in (("sdpa", sdpa), ("megatron", DotProductAttention)):
+        attention.SDPAttention = core  # the layer spec looks the core up when it builds
+        try:
+            models[name] = build_gpt_model(model_cfg, config)
+        finally:
+            attention.SDPAttention = sdpa
         load_hf_into(models[name], model_cfg, HFWeights(hf_dir))
-    attn.core_attention = spec.SDPAttention
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, model_cfg.vocab_size, (2, 33), generator=gen)
     positions = torch.arange(32).unsqueeze(0).expand(2, -1)
@@ -152,7 +155,7 @@ def plan_measurements(result_path: str, model: dict, layouts: list[dict]) -> Non
         s, b = shape["seq_length"], layout["micro_batch"]
 
         def build(num_layers):
-            m = OmegaConf.create({**shape, "num_layers": num_layers})
+            m = validate(OmegaConf.create({**shape, "num_layers": num_layers}), ModelConfig)
             config = transformer_config(
                 m, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype,
                 sequence_parallel=layout.get("sequence_parallel", False),

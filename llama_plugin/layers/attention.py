@@ -6,7 +6,12 @@ tensor-parallel rank's heads only. It never forms the [b, heads, s, s] score mat
 PyTorch dispatches to the FlashAttention / cuDNN / memory-efficient kernels, on a CPU to its
 flash kernel, so what autograd keeps is O(s) (output and log-sum-exp), not O(s^2).
 Grouped-query attention goes to SDPA as is (`enable_gqa`): key/value heads are not copied.
-LLaMA uses no attention dropout, no bias, no windows; those settings are refused, not ignored.
+
+A sliding window (`config.window_size = (window - 1, 0)`, model.py) becomes a boolean band mask
+[s, s] shared by the batch and the heads: SDPA still keeps O(s) for backward, but the mask itself
+is s^2 booleans (64 MiB at 8k). PyTorch's kernel that never forms it, flex_attention, has no CPU
+backward, so it cannot be the one module tree the CPU suite proves.
+LLaMA uses no attention dropout and no bias; those settings are refused, not ignored.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class SDPAttention(MegatronModule):
         unsupported = [
             (config.context_parallel_size == 1, "context_parallel_size", config.context_parallel_size),
             (dropout == 0.0, "attention_dropout", dropout),
-            (config.window_size is None, "window_size", config.window_size),
+            (config.window_size is None or config.window_size[1] == 0, "window_size", config.window_size),
             (config.softmax_type == "vanilla", "softmax_type", config.softmax_type),
             (not config.apply_query_key_layer_scaling, "apply_query_key_layer_scaling", True),
         ]
@@ -47,6 +52,7 @@ class SDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.attn_mask_type = attn_mask_type
+        self.window = None if config.window_size is None else config.window_size[0] + 1
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -61,6 +67,13 @@ class SDPAttention(MegatronModule):
         if causal and key.shape[0] != sq:
             raise ValueError(f"SDPAttention: causal attention needs as many keys as queries ({key.shape[0]} != {sq})")
         mask = None if attention_mask is None else ~attention_mask
+        if self.window is not None and mask_type == AttnMaskType.causal and key.shape[0] > self.window:
+            # The last sq of sk positions (sq = 1 when decoding) each see `window` keys up to themselves.
+            sk = key.shape[0]
+            q_pos = torch.arange(sk - sq, sk, device=query.device).unsqueeze(1)
+            k_pos = torch.arange(sk, device=query.device).unsqueeze(0)
+            band = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+            mask, causal = band if mask is None else mask & band, False
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,

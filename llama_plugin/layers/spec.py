@@ -1,8 +1,10 @@
-"""The LLaMA layer as a megatron-core `ModuleSpec`.
+"""The LLaMA layer as a megatron-core `ModuleSpec`, and its relatives'.
 
 One transformer layer, as in the paper: h = x + attn(rmsnorm(x)); out = h + swiglu_mlp(rmsnorm(h)).
 SwiGLU, RoPE, no biases and the RMSNorm epsilon are TransformerConfig settings (model.py); this
-module only chooses the modules, by `model.transformer_impl`:
+module only chooses the modules. The seed systems' layers differ in three choices made here: the
+norm (RMSNorm, or LayerNorm with GPT-3's bias or without, as PaLM), PaLM's parallel formulation
+(parallel.py), and T5's relative position bias for LaMDA (relative_bias.py). By `model.transformer_impl`:
   local  (default, CPU and GPU) megatron-core's tensor-parallel linears, our sequence-parallel
          RMSNorm and the SDPA attention core (flash kernels on a GPU). The CPU suite proves it.
   te     megatron-core's own TransformerEngine spec (RMSNorm fused into the following linear, TE's
@@ -24,8 +26,11 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from llama_plugin.layers.attention import SDPAttention
-from llama_plugin.layers.norm import RMSNorm
+from megatron.core.transformer.identity_op import IdentityOp
+
+from llama_plugin.layers import attention
+from llama_plugin.layers.norm import LayerNorm, RMSNorm
+from llama_plugin.layers.parallel import ParallelAttentionMLPLayer
 
 IMPLS = ("local", "te")
 
@@ -39,40 +44,54 @@ def te_importable() -> bool:
     return True
 
 
-local_llama_layer = ModuleSpec(
-    module=TransformerLayer,
-    submodules=TransformerLayerSubmodules(
-        input_layernorm=RMSNorm,
-        self_attention=ModuleSpec(
-            module=SelfAttention,
-            params={"attn_mask_type": AttnMaskType.causal},
-            submodules=SelfAttentionSubmodules(
-                linear_qkv=ColumnParallelLinear,
-                core_attention=SDPAttention,
-                linear_proj=RowParallelLinear,
+def norm_spec(config: TransformerConfig):
+    """The pre-norm: LLaMA's RMSNorm, or LayerNorm whose bias follows the linears' (GPT-3 has both)."""
+    if config.normalization == "RMSNorm":
+        return RMSNorm
+    return ModuleSpec(module=LayerNorm, params={"bias": config.add_bias_linear})
+
+
+def local_layer(norm=RMSNorm, parallel_layers: bool = False) -> ModuleSpec:
+    # PaLM's parallel layer feeds one norm's output to attention and MLP alike: no pre-MLP norm.
+    keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    if not parallel_layers:
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return ModuleSpec(
+        module=ParallelAttentionMLPLayer if parallel_layers else TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    # looked up at build time, so a test can swap in megatron's own core
+                    core_attention=attention.SDPAttention,
+                    linear_proj=RowParallelLinear,
+                ),
             ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if parallel_layers else norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            # Checkpoints use TE's names (norm weights live inside the fused linears), so a checkpoint
+            # written by either module tree loads into the other.
+            sharded_state_dict_keys_map=keys_map,
         ),
-        self_attn_bda=get_bias_dropout_add,
-        pre_mlp_layernorm=RMSNorm,
-        mlp=ModuleSpec(
-            module=MLP,
-            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-        ),
-        mlp_bda=get_bias_dropout_add,
-        # Checkpoints use TE's names (norm weights live inside the fused linears), so a checkpoint
-        # written by either module tree loads into the other.
-        sharded_state_dict_keys_map={
-            "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-        },
-    ),
-)
+    )
 
 
-def llama_layer_spec(transformer_impl: str = "local") -> ModuleSpec:
+def llama_layer_spec(transformer_impl: str = "local", config: TransformerConfig | None = None,
+                     parallel_layers: bool = False) -> ModuleSpec:
     if transformer_impl == "local":
-        return local_llama_layer
+        return local_layer(RMSNorm if config is None else norm_spec(config), parallel_layers)
     if transformer_impl == "te":
+        if parallel_layers:
+            raise ValueError("model.parallel_layers: megatron-core has no TransformerEngine spec for "
+                             "parallel attention + MLP layers; use model.transformer_impl=local")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
@@ -80,17 +99,17 @@ def llama_layer_spec(transformer_impl: str = "local") -> ModuleSpec:
 
 
 def llama_block_spec(config: TransformerConfig, transformer_impl: str = "local",
-                     vp_stage: int | None = None) -> ModuleSpec:
-    """The decoder: this pipeline stage's layers and, on the last stage, the final RMSNorm."""
+                     vp_stage: int | None = None, parallel_layers: bool = False) -> ModuleSpec:
+    """The decoder: this pipeline stage's layers and, on the last stage, the final norm."""
     if transformer_impl == "te":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
-        final_norm = RMSNorm
+        final_norm = norm_spec(config)
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(
-            layer_specs=[llama_layer_spec(transformer_impl)] * layers,
+            layer_specs=[llama_layer_spec(transformer_impl, config, parallel_layers)] * layers,
             layer_norm=final_norm,
         ),
     )
