@@ -31,35 +31,44 @@ from llama_plugin.model import build_gpt_model, check_model_shape, tp_split_dim,
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _tp_shard(full: torch.Tensor, name: str) -> torch.Tensor:
+def _tp_shard(full: torch.Tensor, name: str, gated: bool = True) -> torch.Tensor:
     """This tensor-parallel rank's slice of a global tensor, as megatron-core lays it out."""
     dim = tp_split_dim(name)
     if dim is None:
         return full
     rank = parallel_state.get_tensor_model_parallel_rank()
     size = parallel_state.get_tensor_model_parallel_world_size()
-    if name.endswith("mlp.linear_fc1.weight"):
+    if gated and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
         # Each rank holds [its gate rows; its up rows], so the gated halves stay together.
         gate, up = torch.chunk(full, 2, dim=0)
         return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]])
     return torch.chunk(full, size, dim=dim)[rank]
 
 
-def load_hf_into(model, model_cfg, weights: hf.HFWeights) -> None:
-    """Copy HF weights into this rank's model chunk (any TP rank, any PP stage)."""
+def load_global_into(model, global_tensor, gated: bool = True, error=ValueError) -> None:
+    """Copy full (TP=1) tensors into this rank's model chunk (any TP rank, any PP stage).
+
+    `global_tensor(name, layer)` gives the tensor for a parameter name within global layer `layer`
+    ('self_attention.linear_qkv.weight'), or for a model-level name when `layer` is None.
+    """
     layers = model.decoder.layers
     for name, param in model.named_parameters():
         m = _LAYER.match(name)
         if m:
-            global_layer = layers[int(m.group(1))].layer_number - 1
-            full = hf.mcore_global_tensor(m.group(2), global_layer, model_cfg, weights)
+            full = global_tensor(m.group(2), layers[int(m.group(1))].layer_number - 1)
         else:
-            full = hf.mcore_global_tensor(name, None, model_cfg, weights)
-        local = _tp_shard(full, name)
+            full = global_tensor(name, None)
+        local = _tp_shard(full, name, gated)
         if local.shape != param.shape:
-            raise hf.HFFolderError(f"{weights.dir}: tensor for '{name}' has shape {tuple(local.shape)}, model needs {tuple(param.shape)}")
+            raise error(f"tensor for '{name}' has shape {tuple(local.shape)}, model needs {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(local)
+
+
+def load_hf_into(model, model_cfg, weights: hf.HFWeights) -> None:
+    """Copy HF weights into this rank's model chunk (any TP rank, any PP stage)."""
+    load_global_into(model, lambda name, layer: hf.mcore_global_tensor(name, layer, model_cfg, weights),
+                     error=lambda msg: hf.HFFolderError(f"{weights.dir}: {msg}"))
 
 
 def _hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int) -> None:

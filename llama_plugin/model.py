@@ -29,6 +29,7 @@ _TP_SPLIT_DIM = {
     "mlp.linear_fc1.bias": 0,
     "self_attention.linear_proj.weight": 1,     # row-parallel
     "mlp.linear_fc2.weight": 1,                 # row-parallel
+    "relative_attention_bias.weight": 1,        # T5 relative bias table [buckets, heads], by head
 }
 
 
@@ -59,8 +60,16 @@ def head_dim(model) -> int:
 CHOICES = {
     "normalization": ("RMSNorm", "LayerNorm"),
     "activation": ("swiglu", "geglu", "gelu"),
-    "position_embedding": ("rope", "learned_absolute"),
+    "position_embedding": ("rope", "learned_absolute", "relative"),
 }
+
+
+def relative_attention(model) -> dict | None:
+    """The attention core's T5 relative bias settings (LaMDA), or None."""
+    if model.position_embedding != "relative":
+        return None
+    return {"relative_attention_num_buckets": model.relative_attention_num_buckets,
+            "relative_attention_max_distance": model.relative_attention_max_distance}
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -181,13 +190,15 @@ def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = Non
     model = GPTModel(
         config=config,
         transformer_layer_spec=llama_block_spec(config, transformer_impl, vp_stage=vp_stage,
-                                                parallel_layers=model.parallel_layers),
+                                                parallel_layers=model.parallel_layers,
+                                                relative_attention=relative_attention(model)),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding,
+        # T5's relative bias lives in the attention core; the model adds no position embedding.
+        position_embedding_type="none" if model.position_embedding == "relative" else model.position_embedding,
         rotary_base=model.rotary_base,
         rotary_percent=1.0,
         vp_stage=vp_stage,

@@ -33,7 +33,7 @@ class ModelConfig:
     # The layer choices the seed systems differ in (LLAMA_FACTS.md, "Other seed systems"); the
     # defaults are LLaMA's. norm: RMSNorm | LayerNorm. activation: swiglu | geglu (LaMDA's gated
     # GELU) | gelu (GPT-3's; GELU is the tanh approximation, as GPT-2/3 and T5 have it).
-    # position_embedding: rope | learned_absolute (GPT-3). bias: biases in every linear and
+    # position_embedding: rope | learned_absolute (GPT-3) | relative (T5's bias, LaMDA). bias: biases in every linear and
     # LayerNorm (GPT-3). head_dim: None means hidden_size / heads (LaMDA: 128 with d 8192 and 128
     # heads). parallel_layers: PaLM's y = x + attn(norm(x)) + mlp(norm(x)).
     normalization: str = "RMSNorm"
@@ -42,6 +42,8 @@ class ModelConfig:
     bias: bool = False
     head_dim: Optional[int] = None
     parallel_layers: bool = False
+    relative_attention_num_buckets: int = 32  # T5's, for position_embedding=relative
+    relative_attention_max_distance: int = 128
     # LLaMA keeps the input embedding and output projection separate.
     share_embeddings_and_output_weights: bool = False
     # Modules of the layer (llama_plugin/layers/spec.py): local (megatron-core linears, SDPA

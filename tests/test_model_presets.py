@@ -49,6 +49,32 @@ def test_sliding_window_7b_matches_the_published_count():
     assert full["flops_per_token"] - facts["flops_per_token"] == 12 * 32 * 32 * 128 * 4096
 
 
+# The other seed systems (LLAMA_FACTS.md, "Other seed systems"): our exact count, and the published
+# rounded figure it must give. PaLM's table counts the matmul and embedding weights: without its
+# 2 x 10^5-10^6 LayerNorm scales each count rounds to the figure (with them, 540B would read 540.36B).
+# LaMDA's 137B are non-embedding parameters (its paper); GPT-3's 175B include the tied embedding.
+SEED_SYSTEMS = {
+    "gpt3_175b": dict(params=174_604_259_328, published="175", digits=0, exclude="none"),
+    "palm_8b": dict(params=8_632_012_800, published="8.63", digits=2, exclude="norms"),
+    "palm_62b": dict(params=62_495_662_080, published="62.50", digits=2, exclude="norms"),
+    "palm_540b": dict(params=540_356_474_880, published="540.35", digits=2, exclude="norms"),
+    "lamda_137b": dict(params=137_964_560_384, published="137", digits=0, exclude="embeddings"),
+}
+
+
+@pytest.mark.parametrize("preset", SEED_SYSTEMS)
+def test_seed_system_presets_match_the_published_counts(preset):
+    cfg = model_cfg(f"model={preset}")
+    facts, want = describe(cfg), SEED_SYSTEMS[preset]
+    n = facts["num_parameters"]
+    assert n == want["params"]
+    d, layers = cfg.hidden_size, cfg.num_layers
+    norms = (layers * (1 if cfg.parallel_layers else 2) + 1) * d * (2 if cfg.bias else 1)
+    embeddings = cfg.vocab_size * d * (1 if cfg.share_embeddings_and_output_weights else 2)
+    counted = n - {"none": 0, "norms": norms, "embeddings": embeddings}[want["exclude"]]
+    assert f"{counted / 1e9:.{want['digits']}f}" == want["published"]
+
+
 def test_a_window_covering_the_sequence_is_a_warned_no_op():
     from llama_plugin.model import transformer_config
 

@@ -200,3 +200,58 @@ def plan_measurements(result_path: str, model: dict, layouts: list[dict]) -> Non
         })
         with open(result_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def global_weights(model_cfg, seed: int = 0) -> dict:
+    """Full (TP=1, PP=1) tensors of a freshly initialised model, by megatron-core name."""
+    init_distributed(1, 1)
+    torch.manual_seed(seed)
+    net = build_gpt_model(model_cfg, transformer_config(model_cfg))
+    return {name: p.detach().clone() for name, p in net.named_parameters()}
+
+
+def train_global_layouts(result_path: str, cases: dict, layouts: dict, steps: int = 6) -> None:
+    """For each case (name -> (model recipe dict, path of its full weights by megatron-core name)),
+    train every layout (name -> {tp, pp, sequence_parallel}) in turn in this world from the same
+    weights; rank 0 writes "case/layout" -> losses and grad norms. For layer types no HF folder
+    holds (LayerNorm, biases, learned positions, parallel layers...)."""
+    from megatron.core import parallel_state
+
+    from llama_plugin.convert import load_global_into
+    from llama_plugin.model import ACTIVATIONS
+
+    results = {}
+    for case, (model, weights_path) in cases.items():
+        model_cfg = validate(OmegaConf.create(model), ModelConfig)
+        weights = torch.load(weights_path)
+        shared = model_cfg.share_embeddings_and_output_weights
+
+        def global_tensor(name, layer):
+            if layer is not None:
+                return weights[f"decoder.layers.{layer}.{name}"]
+            if name == "output_layer.weight" and shared:  # the last stage's copy of the tied embedding
+                return weights["embedding.word_embeddings.weight"]
+            return weights[name]
+
+        for name, layout in layouts.items():
+            tp, pp = layout.get("tp", 1), layout.get("pp", 1)
+            init_distributed(tp, pp)
+            config = transformer_config(model_cfg, tensor_parallel=tp, pipeline_parallel=pp,
+                                        sequence_parallel=layout.get("sequence_parallel", False),
+                                        perform_initialization=False)
+            net = build_gpt_model(model_cfg, config)
+            load_global_into(net, global_tensor, gated=ACTIVATIONS[model_cfg.activation][1])
+            chunks = wrap_ddp([net], config)
+            optimizer = build_optimizer(chunks, lr=3e-3, weight_decay=0.1, clip_grad=1.0, params_dtype=torch.float32)
+            dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+            losses, grad_norms = [], []
+            for step_batches in fixed_batches(model_cfg.vocab_size, steps):
+                per_rank = len(step_batches) // dp
+                loss, grad_norm, ok = train_step(chunks, optimizer, step_batches[dp_rank * per_rank:(dp_rank + 1) * per_rank])
+                assert ok
+                losses.append(loss)
+                grad_norms.append(grad_norm)
+            results[f"{case}/{name}"] = {"losses": losses, "grad_norms": grad_norms}
+    if torch.distributed.get_rank() == 0:
+        with open(result_path, "w") as f:
+            json.dump(results, f)

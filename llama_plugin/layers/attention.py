@@ -25,11 +25,17 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from llama_plugin.layers.relative_bias import RelativePositionBias
+
+
+RELATIVE_TABLE = "relative_bias.table.relative_attention_bias.weight"
+
 
 class SDPAttention(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
+                 cp_comm_type: str | None = None, pg_collection=None,
+                 relative_attention_num_buckets: int | None = None, relative_attention_max_distance: int = 128):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         unsupported = [
@@ -53,6 +59,9 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.attn_mask_type = attn_mask_type
         self.window = None if config.window_size is None else config.window_size[0] + 1
+        # LaMDA's T5 relative position bias (relative_bias.py), when the layer spec asks for it.
+        self.relative_bias = None if relative_attention_num_buckets is None else \
+            RelativePositionBias(config, relative_attention_num_buckets, relative_attention_max_distance)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -74,9 +83,25 @@ class SDPAttention(MegatronModule):
             k_pos = torch.arange(sk, device=query.device).unsqueeze(0)
             band = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
             mask, causal = band if mask is None else mask & band, False
+        if self.relative_bias is not None:
+            sk = key.shape[0]
+            bias = self.relative_bias(sq, sk, query.device).to(query.dtype)
+            if mask_type == AttnMaskType.causal or mask is not None:
+                allowed = mask if mask is not None else torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
+                bias = bias.masked_fill(~allowed, float("-inf"))
+            mask, causal = bias, False
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
                                              enable_gqa=self.heads != self.groups)
         # [b, n, s, d] -> [s, b, n * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """The relative bias table, split over tensor-parallel ranks by head (its axis 1)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {RELATIVE_TABLE: 1}, sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=(metadata or {}).get("dp_cp_group"))

@@ -51,7 +51,7 @@ def norm_spec(config: TransformerConfig):
     return ModuleSpec(module=LayerNorm, params={"bias": config.add_bias_linear})
 
 
-def local_layer(norm=RMSNorm, parallel_layers: bool = False) -> ModuleSpec:
+def local_layer(norm=RMSNorm, parallel_layers: bool = False, relative_attention: dict | None = None) -> ModuleSpec:
     # PaLM's parallel layer feeds one norm's output to attention and MLP alike: no pre-MLP norm.
     keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if not parallel_layers:
@@ -66,7 +66,8 @@ def local_layer(norm=RMSNorm, parallel_layers: bool = False) -> ModuleSpec:
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
                     # looked up at build time, so a test can swap in megatron's own core
-                    core_attention=attention.SDPAttention,
+                    core_attention=ModuleSpec(module=attention.SDPAttention, params=relative_attention)
+                    if relative_attention else attention.SDPAttention,
                     linear_proj=RowParallelLinear,
                 ),
             ),
@@ -85,13 +86,14 @@ def local_layer(norm=RMSNorm, parallel_layers: bool = False) -> ModuleSpec:
 
 
 def llama_layer_spec(transformer_impl: str = "local", config: TransformerConfig | None = None,
-                     parallel_layers: bool = False) -> ModuleSpec:
+                     parallel_layers: bool = False, relative_attention: dict | None = None) -> ModuleSpec:
     if transformer_impl == "local":
-        return local_layer(RMSNorm if config is None else norm_spec(config), parallel_layers)
+        return local_layer(RMSNorm if config is None else norm_spec(config), parallel_layers, relative_attention)
     if transformer_impl == "te":
-        if parallel_layers:
-            raise ValueError("model.parallel_layers: megatron-core has no TransformerEngine spec for "
-                             "parallel attention + MLP layers; use model.transformer_impl=local")
+        for field, used in (("parallel_layers", parallel_layers), ("position_embedding", relative_attention)):
+            if used:
+                raise ValueError(f"model.{field}: megatron-core's TransformerEngine spec has no parallel layers "
+                                 "or relative position bias; use model.transformer_impl=local")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
@@ -99,7 +101,8 @@ def llama_layer_spec(transformer_impl: str = "local", config: TransformerConfig 
 
 
 def llama_block_spec(config: TransformerConfig, transformer_impl: str = "local",
-                     vp_stage: int | None = None, parallel_layers: bool = False) -> ModuleSpec:
+                     vp_stage: int | None = None, parallel_layers: bool = False,
+                     relative_attention: dict | None = None) -> ModuleSpec:
     """The decoder: this pipeline stage's layers and, on the last stage, the final norm."""
     if transformer_impl == "te":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
@@ -109,7 +112,7 @@ def llama_block_spec(config: TransformerConfig, transformer_impl: str = "local",
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(
-            layer_specs=[llama_layer_spec(transformer_impl, config, parallel_layers)] * layers,
+            layer_specs=[llama_layer_spec(transformer_impl, config, parallel_layers, relative_attention)] * layers,
             layer_norm=final_norm,
         ),
     )

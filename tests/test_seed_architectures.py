@@ -1,0 +1,237 @@
+"""The seed systems' layers (GPT-3, PaLM, LaMDA, the sliding-window 7B) against independent references,
+and in every parallel layout.
+
+References: Hugging Face's GPT2LMHeadModel for GPT-3's layer (LayerNorm with biases, GELU, learned
+positions, tied embeddings; GPT-3 is GPT-2's architecture at another size), and PaLM's equations
+written here in plain PyTorch. LLaMA-2 and Mistral are checked against LlamaForCausalLM and
+MistralForCausalLM in test_hf_parity.py.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from llama_plugin.distributed import init_distributed, spawn_world
+from llama_plugin.generate import generate_ids, last_stage_logits
+from llama_plugin.model import build_gpt_model, transformer_config
+from recipes import validate
+from recipes.schema import ModelConfig
+from tests.workers import global_weights, train_global_layouts
+
+LOGIT_TOL = 1e-5
+TINY = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=512, seq_length=64, norm_epsilon=1e-5)
+# GPT-3's layer at tiny size: LayerNorm and linears with biases, 4d GELU MLP, learned positions, tied embeddings.
+GPT3_TINY = dict(TINY, name="gpt3_tiny", normalization="LayerNorm", bias=True, activation="gelu", ffn_hidden_size=256,
+                 position_embedding="learned_absolute", share_embeddings_and_output_weights=True)
+# PaLM's: parallel layers, LayerNorm without bias, SwiGLU, no biases, tied embeddings, head size != d / heads.
+PALM_TINY = dict(TINY, name="palm_tiny", normalization="LayerNorm", parallel_layers=True, head_dim=32,
+                 num_query_groups=2, ffn_hidden_size=128, share_embeddings_and_output_weights=True)
+# LaMDA's: gated-GELU, head size != d / heads, T5 relative position bias (8 buckets up to distance 20,
+# so the 64-token sequences reach the logarithmic buckets and the last, clipped one).
+LAMDA_TINY = dict(TINY, name="lamda_tiny", activation="geglu", head_dim=32, ffn_hidden_size=96,
+                  position_embedding="relative", relative_attention_num_buckets=8, relative_attention_max_distance=20)
+SLIDING_TINY = dict(TINY, name="sliding_tiny", num_query_groups=2, ffn_hidden_size=96, sliding_window=8)
+
+
+def model_cfg(shape: dict):
+    return validate(OmegaConf.create(shape), ModelConfig)
+
+
+def sequences():
+    gen = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (1, 17, 64)]
+
+
+# ------------------------------------------------------------------ GPT-3 against GPT2LMHeadModel
+
+
+def gpt2_into_megatron(hf, cfg) -> dict:
+    """GPT2LMHeadModel's tensors under megatron-core names (TP=1): Conv1D weights are [in, out],
+    c_attn is [all q; all k; all v] where megatron groups [q_h; k_h; v_h] per head."""
+    sd, d, heads = hf.state_dict(), cfg.hidden_size, cfg.num_attention_heads
+    hd = d // heads
+    out = {"embedding.word_embeddings.weight": sd["transformer.wte.weight"],
+           "embedding.position_embeddings.weight": sd["transformer.wpe.weight"],
+           "decoder.final_layernorm.weight": sd["transformer.ln_f.weight"],
+           "decoder.final_layernorm.bias": sd["transformer.ln_f.bias"]}
+    for i in range(cfg.num_layers):
+        h, m = f"transformer.h.{i}.", f"decoder.layers.{i}."
+        w = sd[h + "attn.c_attn.weight"].t().reshape(3, heads, hd, d).transpose(0, 1).reshape(3 * d, d)
+        b = sd[h + "attn.c_attn.bias"].reshape(3, heads, hd).transpose(0, 1).reshape(3 * d)
+        out.update({
+            m + "input_layernorm.weight": sd[h + "ln_1.weight"], m + "input_layernorm.bias": sd[h + "ln_1.bias"],
+            m + "self_attention.linear_qkv.weight": w, m + "self_attention.linear_qkv.bias": b,
+            m + "self_attention.linear_proj.weight": sd[h + "attn.c_proj.weight"].t(),
+            m + "self_attention.linear_proj.bias": sd[h + "attn.c_proj.bias"],
+            m + "pre_mlp_layernorm.weight": sd[h + "ln_2.weight"], m + "pre_mlp_layernorm.bias": sd[h + "ln_2.bias"],
+            m + "mlp.linear_fc1.weight": sd[h + "mlp.c_fc.weight"].t(), m + "mlp.linear_fc1.bias": sd[h + "mlp.c_fc.bias"],
+            m + "mlp.linear_fc2.weight": sd[h + "mlp.c_proj.weight"].t(), m + "mlp.linear_fc2.bias": sd[h + "mlp.c_proj.bias"],
+        })
+    return out
+
+
+def test_gpt3_layer_matches_gpt2_lm_head_model():
+    import transformers
+
+    cfg = model_cfg(GPT3_TINY)
+    torch.manual_seed(5)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=512, n_positions=64, n_embd=64, n_layer=4, n_head=4, n_inner=256, activation_function="gelu_new",
+        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        initializer_range=0.15)).eval()
+    with torch.no_grad():  # non-trivial LayerNorm parameters and biases, so a dropped one shows
+        for name, p in hf.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    init_distributed(1, 1)
+    net = build_gpt_model(cfg, transformer_config(cfg, perform_initialization=False)).eval()
+    tensors = gpt2_into_megatron(hf, cfg)
+    names = {n for n, _ in net.named_parameters()}
+    assert names == set(tensors), names ^ set(tensors)  # tied: no separate output layer
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(tensors[n])
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in hf.parameters())
+    with torch.no_grad():
+        for seq in sequences():
+            ref = hf(torch.tensor([seq])).logits[0]
+            got = last_stage_logits(net, torch.tensor([seq]))[0]
+            assert ref.abs().max() > 0.1 and (got - ref).abs().max().item() <= LOGIT_TOL
+        prompt = sequences()[1][:5]
+        ref_ids = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate_ids(net, prompt, 24, greedy=True) == ref_ids and len(set(ref_ids)) > 4
+
+
+# ------------------------------------------------------------------ PaLM's layer, written from its equations
+
+
+def palm_reference_logits(w: dict, cfg, tokens: torch.Tensor) -> torch.Tensor:
+    """PaLM section 2, in plain PyTorch: y = x + MLP(LN(x)) + Attn(LN(x)) with one scale-only
+    LayerNorm, SwiGLU MLP, multi-/grouped-query causal attention with RoPE (rotate-half), no
+    biases, the output projection = the input embedding."""
+    s, d, heads, groups, hd = len(tokens), cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
+    ln = lambda x, g: F.layer_norm(x, (d,), g, None, cfg.norm_epsilon)
+    inv = 1.0 / cfg.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    rope = lambda t: t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+    x = w["embedding.word_embeddings.weight"][tokens]
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        h = ln(x, w[p + "input_layernorm.weight"])
+        # megatron's fused qkv: per key/value group, its query heads, then its key, then its value
+        qkv = (h @ w[p + "self_attention.linear_qkv.weight"].t()).view(s, groups, heads // groups + 2, hd)
+        q = qkv[:, :, :-2].reshape(s, heads, hd).transpose(0, 1)
+        k, v = qkv[:, :, -2].transpose(0, 1), qkv[:, :, -1].transpose(0, 1)
+        k, v = k.repeat_interleave(heads // groups, 0), v.repeat_interleave(heads // groups, 0)
+        scores = rope(q) @ rope(k).transpose(1, 2) / math.sqrt(hd)
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        attn = (scores.softmax(-1) @ v).transpose(0, 1).reshape(s, heads * hd)
+        attn = attn @ w[p + "self_attention.linear_proj.weight"].t()
+        gate, up = (h @ w[p + "mlp.linear_fc1.weight"].t()).chunk(2, -1)
+        mlp = (F.silu(gate) * up) @ w[p + "mlp.linear_fc2.weight"].t()
+        x = x + attn + mlp
+    return ln(x, w["decoder.final_layernorm.weight"]) @ w["embedding.word_embeddings.weight"].t()
+
+
+@pytest.mark.parametrize("case", ["palm", "lamda"])
+def test_layer_matches_its_equations(case):
+    shape, reference = {"palm": (PALM_TINY, palm_reference_logits), "lamda": (LAMDA_TINY, lamda_reference_logits)}[case]
+    cfg = model_cfg(shape)
+    w = global_weights(cfg, seed=3)
+    if case == "palm":
+        assert not any(n.endswith("bias") for n in w) and "output_layer.weight" not in w
+        assert "decoder.layers.0.pre_mlp_layernorm.weight" not in w  # one norm per layer
+    else:
+        assert "embedding.position_embeddings.weight" not in w
+    with torch.no_grad():  # non-trivial norm scales and relative biases, so a skipped one shows
+        for n, t in w.items():
+            if "layernorm" in n or "relative" in n:
+                t.add_(torch.randn_like(t) * 0.5)
+    init_distributed(1, 1)
+    net = build_gpt_model(cfg, transformer_config(cfg, perform_initialization=False)).eval()
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(w[n])
+        for seq in sequences():
+            ref = reference(w, cfg, torch.tensor(seq))
+            got = last_stage_logits(net, torch.tensor([seq]))[0]
+            assert ref.abs().max() > 0.1 and (got - ref).abs().max().item() <= LOGIT_TOL, (got - ref).abs().max()
+
+
+# ------------------------------------------------------------------ LaMDA's layer: T5 buckets, gated-GELU
+
+
+def test_relative_buckets_are_t5s():
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    from llama_plugin.layers.relative_bias import RelativePositionBias
+
+    init_distributed(1, 1)
+    cfg = model_cfg(dict(LAMDA_TINY, relative_attention_num_buckets=32, relative_attention_max_distance=128))
+    bias = RelativePositionBias(transformer_config(cfg), 32, 128)
+    with torch.no_grad():
+        bias.table.relative_attention_bias.weight.copy_(torch.arange(32.0).unsqueeze(1).expand(32, 4))
+    got = bias(300, 300, "cpu")[0].long()  # the bucket ids themselves
+    rel = torch.arange(300).unsqueeze(0) - torch.arange(300).unsqueeze(1)
+    want = T5Attention._relative_position_bucket(rel, bidirectional=False, num_buckets=32, max_distance=128)
+    assert torch.equal(got, want) and set(want.unique().tolist()) == set(range(32))
+
+
+def lamda_reference_logits(w: dict, cfg, tokens: torch.Tensor) -> torch.Tensor:
+    """A serial pre-norm decoder in plain PyTorch: RMS norm, causal attention whose logits get
+    T5's relative bias (buckets from HF T5) and no position embedding, gated-GELU MLP (tanh GELU,
+    as T5 v1.1), untied output layer."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    s, d, heads, hd = len(tokens), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    norm = lambda x, g: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_epsilon) * g
+    rel = torch.arange(s).unsqueeze(0) - torch.arange(s).unsqueeze(1)  # key - query
+    buckets = T5Attention._relative_position_bucket(rel, bidirectional=False, num_buckets=cfg.relative_attention_num_buckets,
+                                                    max_distance=cfg.relative_attention_max_distance)
+    x = w["embedding.word_embeddings.weight"][tokens]
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        h = norm(x, w[p + "input_layernorm.weight"])
+        qkv = (h @ w[p + "self_attention.linear_qkv.weight"].t()).view(s, heads, 3, hd)  # [q_h; k_h; v_h] per head
+        q, k, v = (qkv[:, :, j].transpose(0, 1) for j in range(3))
+        table = w[p + "self_attention.core_attention.relative_bias.table.relative_attention_bias.weight"]
+        scores = q @ k.transpose(1, 2) / math.sqrt(hd) + table[buckets].permute(2, 0, 1)
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        attn = (scores.softmax(-1) @ v).transpose(0, 1).reshape(s, heads * hd)
+        x = x + attn @ w[p + "self_attention.linear_proj.weight"].t()
+        h = norm(x, w[p + "pre_mlp_layernorm.weight"])
+        gate, up = (h @ w[p + "mlp.linear_fc1.weight"].t()).chunk(2, -1)
+        x = x + (F.gelu(gate, approximate="tanh") * up) @ w[p + "mlp.linear_fc2.weight"].t()
+    return norm(x, w["decoder.final_layernorm.weight"]) @ w["output_layer.weight"].t()
+
+
+# ------------------------------------------------------------------ every new layer type in TP=2+SP and PP=2
+
+LAYOUTS = {"dp2": {}, "tp2_sp": {"tp": 2, "sequence_parallel": True}, "pp2": {"pp": 2}}
+CASES = {"gpt3": GPT3_TINY, "palm": PALM_TINY, "lamda": LAMDA_TINY, "sliding_window": SLIDING_TINY}
+
+
+def test_new_layer_types_train_alike_in_every_layout(tmp_path):
+    """fp32, 6 steps: TP=2 with sequence parallelism and PP=2 (1F1B) against TP=1 (DP=2, which
+    test_parallel_equivalence ties to one process) within 1e-5, for each layer type."""
+    cases = {}
+    for name, shape in CASES.items():
+        torch.save(global_weights(model_cfg(shape), seed=1), tmp_path / f"{name}.pt")
+        cases[name] = (shape, str(tmp_path / f"{name}.pt"))
+    spawn_world(2, train_global_layouts, str(tmp_path / "out.json"), cases, LAYOUTS)
+    got = json.loads((tmp_path / "out.json").read_text())
+    for case in CASES:
+        ref = got[f"{case}/dp2"]
+        assert ref["losses"][-1] < ref["losses"][0] - 0.05, (case, ref)  # it trains
+        for layout in ("tp2_sp", "pp2"):
+            run = got[f"{case}/{layout}"]
+            for key in ("losses", "grad_norms"):
+                diff = max(abs(a - b) for a, b in zip(run[key], ref[key], strict=True))
+                print(f"{case} {layout} {key}: max |diff| {diff:.2e} (first/last loss {ref['losses'][0]:.4f}/{ref['losses'][-1]:.4f})")
+                assert diff <= 1e-5, (case, layout, key, run[key], ref[key])
