@@ -16,6 +16,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from llama_plugin.layers.spec import llama_block_spec
+from llama_plugin.layers.z_loss import z_loss
 
 
 # How megatron-core splits each weight over tensor-parallel ranks (by name suffix): the dimension;
@@ -180,6 +181,20 @@ def transformer_config(
     return TransformerConfig(**settings)
 
 
+class LlamaGPTModel(GPTModel):
+    """megatron-core's GPTModel, whose per-token training loss may add PaLM's z-loss."""
+
+    def __init__(self, *args, z_loss: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.z_loss = z_loss
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # Before the cross entropy: megatron's vocab-parallel cross entropy works on the logits in place.
+        aux = z_loss(logits, self.z_loss).transpose(0, 1) if self.z_loss else None
+        loss = super().compute_language_model_loss(labels, logits)  # [b, s]
+        return loss if aux is None else loss + aux
+
+
 def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = None,
                     transformer_impl: str = "local") -> GPTModel:
     """This rank's part of the model: embedding on the first stage, output layer on the last.
@@ -187,8 +202,9 @@ def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = Non
     Conversion, generation and counting always use the local modules: they hold the same tensors
     under the same checkpoint names as TransformerEngine's (layers/spec.py).
     """
-    model = GPTModel(
+    model = LlamaGPTModel(
         config=config,
+        z_loss=model.z_loss,
         transformer_layer_spec=llama_block_spec(config, transformer_impl, vp_stage=vp_stage,
                                                 parallel_layers=model.parallel_layers,
                                                 relative_attention=relative_attention(model)),

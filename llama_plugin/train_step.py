@@ -63,7 +63,17 @@ def wrap_ddp(model_chunks, config: TransformerConfig, *, overlap_grad_reduce: bo
 
 def build_optimizer(model_chunks, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
                     clip_grad: float = 1.0, params_dtype=torch.float32, use_distributed_optimizer=False,
-                    overlap_param_gather: bool = False, min_lr: float | None = None):
+                    overlap_param_gather: bool = False, min_lr: float | None = None, adafactor: dict | None = None):
+    """megatron's optimizer: AdamW, or with `adafactor` (Adafactor's settings) PaLM's Adafactor.
+
+    Adafactor takes a documented path around megatron's factory, which builds only Adam and SGD:
+    the factory builds everything as for Adam (parameter groups with their weight-decay and lr
+    multipliers, the bf16 main parameters, clipping, the scheduler's view of the groups), then each
+    inner torch optimizer is replaced by Adafactor over the same groups, before any step.
+    """
+    if adafactor is not None and use_distributed_optimizer:
+        raise ValueError("optimizer.name=adafactor: not with parallel.distributed_optimizer=true (Adafactor's "
+                         "parameter RMS needs whole tensors; the distributed optimizer shards them)")
     cfg = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -80,6 +90,15 @@ def build_optimizer(model_chunks, *, lr: float, weight_decay: float, betas=(0.9,
         overlap_param_gather=overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(cfg, model_chunks)
+    if adafactor is not None:
+        from llama_plugin.optim.adafactor import Adafactor
+
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if getattr(opt, "optimizer", None) is not None:
+                # megatron's keys (params, lr/wd multipliers...) stay; Adam's own settings go.
+                groups = [{k: v for k, v in g.items() if k not in opt.optimizer.defaults or k in ("params", "lr", "weight_decay")}
+                          for g in opt.optimizer.param_groups]
+                opt.optimizer = Adafactor(groups, lr=lr, weight_decay=weight_decay, **adafactor)
     for c in model_chunks:
         c.config.grad_scale_func = optimizer.scale_loss
     return optimizer

@@ -44,6 +44,9 @@ class ModelConfig:
     parallel_layers: bool = False
     relative_attention_num_buckets: int = 32  # T5's, for position_embedding=relative
     relative_attention_max_distance: int = 128
+    # PaLM's auxiliary loss z_loss * log(Z)^2 per token (PaLM: 1e-4); 0 is off. Part of the
+    # training loss (and of the logged loss).
+    z_loss: float = 0.0
     # LLaMA keeps the input embedding and output projection separate.
     share_embeddings_and_output_weights: bool = False
     # Modules of the layer (llama_plugin/layers/spec.py): local (megatron-core linears, SDPA

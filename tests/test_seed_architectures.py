@@ -28,8 +28,9 @@ TINY = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=512,
 GPT3_TINY = dict(TINY, name="gpt3_tiny", normalization="LayerNorm", bias=True, activation="gelu", ffn_hidden_size=256,
                  position_embedding="learned_absolute", share_embeddings_and_output_weights=True)
 # PaLM's: parallel layers, LayerNorm without bias, SwiGLU, no biases, tied embeddings, head size != d / heads.
+# (z-loss 0.1, 1000 x PaLM's, so a tensor-parallel error in it would show at 1e-5.)
 PALM_TINY = dict(TINY, name="palm_tiny", normalization="LayerNorm", parallel_layers=True, head_dim=32,
-                 num_query_groups=2, ffn_hidden_size=128, share_embeddings_and_output_weights=True)
+                 num_query_groups=2, ffn_hidden_size=128, share_embeddings_and_output_weights=True, z_loss=0.1)
 # LaMDA's: gated-GELU, head size != d / heads, T5 relative position bias (8 buckets up to distance 20,
 # so the 64-token sequences reach the logarithmic buckets and the last, clipped one).
 LAMDA_TINY = dict(TINY, name="lamda_tiny", activation="geglu", head_dim=32, ffn_hidden_size=96,
@@ -164,6 +165,63 @@ def test_layer_matches_its_equations(case):
             assert ref.abs().max() > 0.1 and (got - ref).abs().max().item() <= LOGIT_TOL, (got - ref).abs().max()
 
 
+def test_z_loss_is_the_squared_log_normalizer():
+    """Per-token training loss = cross entropy + z * logsumexp(logits)^2, computed by hand from the
+    model's own logits with torch.logsumexp."""
+    cfg = model_cfg(PALM_TINY)
+    init_distributed(1, 1)
+    net = build_gpt_model(cfg, transformer_config(cfg))
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 512, (2, 33), generator=gen)
+    positions = torch.arange(32).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        net.embedding.word_embeddings.weight.mul_(20.0)  # log Z far from 0, so the term is not negligible
+        loss = net(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
+        logits = net(tokens[:, :-1], positions, None).float()  # [b, s, v]
+    log_z = torch.logsumexp(logits, dim=-1)
+    ce = log_z - logits.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert (0.1 * log_z.square()).mean() > 0.1 * ce.mean()
+    assert torch.allclose(loss, ce + 0.1 * log_z.square(), rtol=1e-6, atol=1e-5)
+
+
+def test_adafactor_steps_equal_transformers_adafactor():
+    """Our Adafactor against transformers' with PaLM's settings (beta1 0.9, beta2 = 1 - k^-0.8,
+    update clipping 1.0, parameter scaling, eps 1e-30 / 1e-3, decoupled decay 0.1 x scaled lr),
+    over 6 steps with a changing lr. transformers factors the second moment of a matrix; PaLM did
+    not, and an unfactored matrix update is elementwise, so its reference is the flattened matrix."""
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    from llama_plugin.optim.adafactor import Adafactor
+
+    init_distributed(1, 1)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(8, 6, generator=gen) * 0.05, torch.randn(16, generator=gen) + 1.0]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    ref = [torch.nn.Parameter(t.clone().reshape(-1)) for t in start]
+    opt = Adafactor(ours, lr=1e-2, weight_decay=0.1)
+    hf = HFAdafactor(ref, lr=1e-2, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=0.9,
+                     weight_decay=0.1, scale_parameter=True, relative_step=False, warmup_init=False)
+    for step in range(6):
+        lr = 1e-2 * (1.0 if step < 3 else math.sqrt(3 / (step + 1)))
+        for group in opt.param_groups + hf.param_groups:
+            group["lr"] = lr
+        for a, b in zip(ours, ref):
+            g = torch.randn(a.shape, generator=gen) * (10.0 if step == 2 else 0.1)  # step 2 clips the update
+            a.grad, b.grad = g.clone(), g.reshape(-1).clone()
+        opt.step()
+        hf.step()
+        for a, b in zip(ours, ref):
+            assert (a.detach().reshape(-1) - b.detach()).abs().max().item() <= 1e-6
+    for a, s0 in zip(ours, start):
+        assert (a.detach() - s0).abs().max() > 1e-4  # it moved, by far more than the tolerance
+    # PaLM's lr^2 weight decay, by hand: a zero gradient leaves p (1 - lr^2).
+    p = torch.nn.Parameter(torch.ones(4) * 3.0)
+    wd = Adafactor([p], lr=0.1, weight_decay=0.1, weight_decay_lr_power=2.0)
+    p.grad = torch.zeros(4)
+    wd.step()
+    assert torch.allclose(p.detach(), torch.full((4,), 3.0 * (1 - 0.1 ** 2)), rtol=0, atol=1e-7)
+
+
 # ------------------------------------------------------------------ LaMDA's layer: T5 buckets, gated-GELU
 
 
@@ -215,6 +273,10 @@ def lamda_reference_logits(w: dict, cfg, tokens: torch.Tensor) -> torch.Tensor:
 
 LAYOUTS = {"dp2": {}, "tp2_sp": {"tp": 2, "sequence_parallel": True}, "pp2": {"pp": 2}}
 CASES = {"gpt3": GPT3_TINY, "palm": PALM_TINY, "lamda": LAMDA_TINY, "sliding_window": SLIDING_TINY}
+# PaLM trains with its Adafactor (whose parameter and update RMS span the whole tensor-parallel
+# matrix) and lr^2 weight decay, at an lr that moves weights of std 0.02 within 6 steps; the
+# others with AdamW.
+OPTIMIZERS = {"palm": dict(weight_decay_lr_power=2.0, lr=0.2)}
 
 
 def test_new_layer_types_train_alike_in_every_layout(tmp_path):
@@ -223,7 +285,7 @@ def test_new_layer_types_train_alike_in_every_layout(tmp_path):
     cases = {}
     for name, shape in CASES.items():
         torch.save(global_weights(model_cfg(shape), seed=1), tmp_path / f"{name}.pt")
-        cases[name] = (shape, str(tmp_path / f"{name}.pt"))
+        cases[name] = (shape, str(tmp_path / f"{name}.pt"), OPTIMIZERS.get(name))
     spawn_world(2, train_global_layouts, str(tmp_path / "out.json"), cases, LAYOUTS)
     got = json.loads((tmp_path / "out.json").read_text())
     for case in CASES:

@@ -211,7 +211,8 @@ def global_weights(model_cfg, seed: int = 0) -> dict:
 
 
 def train_global_layouts(result_path: str, cases: dict, layouts: dict, steps: int = 6) -> None:
-    """For each case (name -> (model recipe dict, path of its full weights by megatron-core name)),
+    """For each case (name -> (model recipe dict, path of its full weights by megatron-core name,
+    Adafactor settings or None for AdamW)),
     train every layout (name -> {tp, pp, sequence_parallel}) in turn in this world from the same
     weights; rank 0 writes "case/layout" -> losses and grad norms. For layer types no HF folder
     holds (LayerNorm, biases, learned positions, parallel layers...)."""
@@ -221,7 +222,7 @@ def train_global_layouts(result_path: str, cases: dict, layouts: dict, steps: in
     from llama_plugin.model import ACTIVATIONS
 
     results = {}
-    for case, (model, weights_path) in cases.items():
+    for case, (model, weights_path, adafactor) in cases.items():
         model_cfg = validate(OmegaConf.create(model), ModelConfig)
         weights = torch.load(weights_path)
         shared = model_cfg.share_embeddings_and_output_weights
@@ -242,7 +243,10 @@ def train_global_layouts(result_path: str, cases: dict, layouts: dict, steps: in
             net = build_gpt_model(model_cfg, config)
             load_global_into(net, global_tensor, gated=ACTIVATIONS[model_cfg.activation][1])
             chunks = wrap_ddp([net], config)
-            optimizer = build_optimizer(chunks, lr=3e-3, weight_decay=0.1, clip_grad=1.0, params_dtype=torch.float32)
+            settings = dict(adafactor or {})
+            lr = settings.pop("lr", 3e-3)
+            optimizer = build_optimizer(chunks, lr=lr, weight_decay=0.1, clip_grad=1.0, params_dtype=torch.float32,
+                                        adafactor=settings if adafactor is not None else None)
             dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
             losses, grad_norms = [], []
             for step_batches in fixed_batches(model_cfg.vocab_size, steps):
