@@ -17,6 +17,8 @@ from recipes import RecipeError
 
 CHOICES = {
     "optimizer.decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
+    "optimizer.name": ("adamw", "adafactor"),
+    "optimizer.warmup_style": ("linear", "constant"),
     "parallel.recompute": ("none", "selective", "full"),
     "train.precision": ("bf16", "fp32"),
     "model.transformer_impl": IMPLS,
@@ -63,6 +65,19 @@ def resolve(cfg, world_size: int, have_te: bool | None = None, have_cuda: bool |
         raise RecipeError(
             f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size * data-parallel "
             f"size = {t.micro_batch_size} * {p.data}")
+    if cfg.optimizer.name == "adafactor" and p.distributed_optimizer:
+        raise RecipeError("optimizer.name: adafactor needs whole tensors for its parameter RMS; "
+                          "set parallel.distributed_optimizer=false")
+    previous = 0
+    for i, stage in enumerate(t.batch_ramp):
+        if stage.global_batch_size < 1 or stage.global_batch_size % (t.micro_batch_size * p.data):
+            raise RecipeError(
+                f"train.batch_ramp[{i}].global_batch_size: {stage.global_batch_size} is not a positive multiple of "
+                f"micro_batch_size * data-parallel size = {t.micro_batch_size} * {p.data}")
+        if not previous < stage.until_step < t.steps:
+            raise RecipeError(f"train.batch_ramp[{i}].until_step: {stage.until_step} must lie after the previous "
+                              f"stage's ({previous}) and before train.steps={t.steps}")
+        previous = stage.until_step
     if t.eval_tasks:
         from llama_plugin.eval.generation_tasks import IN_LOOP_GENERATIVE
         from llama_plugin.eval.tasks import MMLU, OLMO_TASKS

@@ -62,6 +62,7 @@ CHOICES = {
     "normalization": ("RMSNorm", "LayerNorm"),
     "activation": ("swiglu", "geglu", "gelu"),
     "position_embedding": ("rope", "learned_absolute", "relative"),
+    "kv_projection": ("fused", "shared"),
 }
 
 
@@ -94,8 +95,11 @@ def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 
          f"num_attention_heads={heads} is not divisible by num_query_groups={groups}"),
         (heads % tensor_parallel == 0, "model.num_attention_heads",
          f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
-        (groups % tensor_parallel == 0, "model.num_query_groups",
-         f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
+        (model.kv_projection == "fused" or groups == 1, "model.kv_projection",
+         f"kv_projection=shared is multi-query attention; num_query_groups is {groups}, not 1"),
+        (model.kv_projection == "shared" or groups % tensor_parallel == 0, "model.num_query_groups",
+         f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tensor_parallel}"
+         + (" (multi-query: set model.kv_projection=shared)" if groups == 1 else "")),
         (ffn_hidden_size(model) % tensor_parallel == 0, "model.ffn_hidden_size",
          f"ffn_hidden_size={ffn_hidden_size(model)} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
         (model.vocab_size % tensor_parallel == 0, "model.vocab_size",
@@ -147,7 +151,8 @@ def transformer_config(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
-        num_query_groups=num_query_groups(model),
+        # Shared key/value projection: megatron sees one query group per tensor-parallel rank.
+        num_query_groups=tensor_parallel if model.kv_projection == "shared" else num_query_groups(model),
         kv_channels=head_dim(model),
         ffn_hidden_size=ffn_hidden_size(model),
         # LLaMA: pre-norm RMSNorm, SwiGLU (silu-gated linear unit), no biases, no dropout.
@@ -207,6 +212,7 @@ def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = Non
         z_loss=model.z_loss,
         transformer_layer_spec=llama_block_spec(config, transformer_impl, vp_stage=vp_stage,
                                                 parallel_layers=model.parallel_layers,
+                                                shared_kv=model.kv_projection == "shared",
                                                 relative_attention=relative_attention(model)),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,

@@ -40,6 +40,7 @@ from llama_plugin import checkpoint, flops, throughput
 from llama_plugin.data import build_datasets, check_data_files, micro_batches, source_counts
 from llama_plugin.distributed import device, init_distributed, shutdown
 from llama_plugin.layout import num_microbatches, resolve
+from llama_plugin.optim import batch_ramp
 from llama_plugin.metrics_log import MetricsLog, format_line
 from llama_plugin.run_files import (EXIT_SDC, FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest,
                                      redact_secrets, write_requeue_request)
@@ -62,13 +63,14 @@ _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def lr_at(step: int, o, total_steps: int) -> float:
     """The closed form of the schedule: the lr used by optimizer step `step` (0-based).
 
-    Linear warm-up from 0 to the peak over warmup_steps, then cosine (or linear) decay to
-    min_lr_ratio * peak at decay_steps, constant after; PaLM's inverse square root optional.
+    Linear warm-up from 0 to the peak over warmup_steps (or the peak throughout, warmup_style
+    constant), then cosine (or linear) decay to min_lr_ratio * peak at decay_steps, constant after;
+    PaLM's inverse square root optional: peak * sqrt(warmup_steps / step).
     """
     peak, floor = o.lr, o.lr * o.min_lr_ratio
     decay = o.decay_steps if o.decay_steps is not None else total_steps
     if o.warmup_steps > 0 and step <= o.warmup_steps:
-        return peak * step / o.warmup_steps
+        return peak if o.warmup_style == "constant" else peak * step / o.warmup_steps
     if o.decay_style == "constant":
         return peak
     if step > decay:
@@ -84,7 +86,7 @@ def build_scheduler(optimizer, o, total_steps: int) -> OptimizerParamScheduler:
     """megatron-core's scheduler, counting optimizer steps; it implements `lr_at`."""
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=o.lr if o.warmup_style == "constant" else 0.0,  # megatron warms up linearly from init_lr
         max_lr=o.lr,
         min_lr=o.lr * o.min_lr_ratio,
         lr_warmup_steps=o.warmup_steps,
@@ -153,8 +155,17 @@ def build_model_and_optimizer(cfg):
         chunks, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, clip_grad=o.clip_grad,
         params_dtype=dtype, use_distributed_optimizer=p.distributed_optimizer,
         overlap_param_gather=p.overlap_param_gather, min_lr=o.lr * o.min_lr_ratio,
+        adafactor=adafactor_settings(o),
     )
     return model, chunks, optimizer
+
+
+def adafactor_settings(o) -> dict | None:
+    """Adafactor's settings from the optimizer recipe, or None for AdamW."""
+    if o.name != "adafactor":
+        return None
+    return dict(beta1=o.beta1, decay_rate=o.beta2_decay, clip_threshold=o.clip_threshold,
+                scale_parameter=o.scale_parameter, weight_decay_lr_power=o.weight_decay_lr_power)
 
 
 def run(cfg, notes: list[str]) -> dict:
@@ -205,13 +216,15 @@ def run(cfg, notes: list[str]) -> dict:
 
     n_micro = num_microbatches(cfg)
     dp_rank, seq, G = parallel_state.get_data_parallel_rank(), cfg.model.seq_length, t.global_batch_size
-    per_rank = G // p.data
+    # Data batch b holds ramp.global_batch(b) sequences from sample ramp.first_sample(b) on; without
+    # train.batch_ramp that is G and b * G.
+    ramp = batch_ramp.from_recipe(t, p.data)
     valid_samples = t.eval_batches * G
     # Built s.data_reserve_batches global batches longer than the run: batches the skip ledger
     # jumps over are replaced from there.
     ledger = SkipLedger(run_dir / LEDGER_FILE, s.data_reserve_batches)
     train_ds, valid_ds, source_names = build_datasets(
-        cfg.data, seq, t.seed, (t.steps + s.data_reserve_batches) * G, max(valid_samples, 1),
+        cfg.data, seq, t.seed, ramp.first_sample(t.steps + s.data_reserve_batches), max(valid_samples, 1),
         cfg.data.cache_dir or str(run_dir / "data_cache"))
 
     n_params = count_parameters(model)
@@ -249,7 +262,7 @@ def run(cfg, notes: list[str]) -> dict:
             # so the checkpoint holds the updated weights.
             for c in chunks:
                 c.disable_forward_pre_hook(param_sync=True)
-        state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": step * G,
+        state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": ramp.first_sample(ledger.batch_index(step)),
                  "resume_fields": resume_fields(cfg), "spike_detector": detector.state_dict(),
                  "stability": dict(events), "goodput": goodput.state_dict()}
         checkpoint.save_checkpoint(chunks, ckpt_root / checkpoint.step_dir_name(step), cfg.model, dtype,
@@ -298,7 +311,7 @@ def run(cfg, notes: list[str]) -> dict:
     def count_sources(steps: int):
         total = np.zeros(len(source_names), dtype=np.int64)
         for first, stop in ledger.batch_ranges(steps):
-            total += source_counts(train_ds, first * G, stop * G, len(source_names))
+            total += source_counts(train_ds, ramp.first_sample(first), ramp.first_sample(stop), len(source_names))
         return total
 
     stop = StopRequest(run_dir / STOP_FILE)
@@ -332,7 +345,9 @@ def run(cfg, notes: list[str]) -> dict:
             faults.before_step(step + 1)
         t0 = time.perf_counter()
         batch = ledger.batch_index(step)
-        batches = micro_batches(train_ds, batch * G + dp_rank * per_rank, n_micro, t.micro_batch_size)
+        G_b = ramp.global_batch(batch)
+        batches = micro_batches(train_ds, ramp.first_sample(batch) + dp_rank * (G_b // p.data),
+                                ramp.num_microbatches(batch), t.micro_batch_size)
         if s.sdc_check_interval and (step + 1) % s.sdc_check_interval == 0:
             bad = recompute_check(chunks, batches[0])
             goodput.add("sdc_checks", time.perf_counter() - t0)
@@ -357,10 +372,10 @@ def run(cfg, notes: list[str]) -> dict:
         slow, slowest = stragglers.check(arrived[0])
         step_time = time.perf_counter() - t0
         if rank == 0:
-            consumed += source_counts(train_ds, batch * G, (batch + 1) * G, len(source_names))
+            consumed += source_counts(train_ds, ramp.first_sample(batch), ramp.first_sample(batch + 1), len(source_names))
         step += 1
         goodput.step(step, step_time, ok)
-        window_tokens += G * seq
+        window_tokens += G_b * seq
         window_time += step_time
         last_loss = loss if ok else float("nan")
         consecutive_skips = 0 if ok else consecutive_skips + 1
@@ -389,7 +404,7 @@ def run(cfg, notes: list[str]) -> dict:
             goodput.add("evaluation", time.perf_counter() - t_eval)
         if step % cfg.logging.log_interval == 0 or m or spike or not ok:
             m.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "step_time_s": step_time,
-                      "tokens_seen": step * G * seq, "train/skipped_update": int(not ok),
+                      "tokens_seen": ramp.first_sample(step) * seq, "train/global_batch_size": G_b, "train/skipped_update": int(not ok),
                       "stability/spikes": events["spikes"], "stability/rollbacks": events["rollbacks"],
                       "stability/skipped_steps": events["skipped_steps"],
                       "stability/skipped_batches": ledger.skipped_total,
@@ -544,7 +559,8 @@ def _peak_rss_bytes() -> int:
 # sequence, seed, steps -> dataset size, sources), the schedule (weight decay is also part of the
 # optimizer's saved param groups, which megatron asserts on after the model is built), and for the distributed optimizer
 # (saved per data-parallel shard of its buckets) the model-parallel layout and bucket size.
-_RESUME_FIELDS = ("train.global_batch_size", "model.seq_length", "train.seed", "train.steps", "data.sources",
+_RESUME_FIELDS = ("train.global_batch_size", "train.batch_ramp", "optimizer.name", "optimizer.warmup_style",
+                  "model.seq_length", "train.seed", "train.steps", "data.sources",
                   "data.split", "optimizer.lr", "optimizer.min_lr_ratio", "optimizer.warmup_steps",
                   "optimizer.decay_steps", "optimizer.decay_style", "optimizer.weight_decay",
                   "parallel.distributed_optimizer", "stability.data_reserve_batches")

@@ -57,8 +57,17 @@ def wrap_ddp(model_chunks, config: TransformerConfig, *, overlap_grad_reduce: bo
     # The schedules read these from the config: grad sync is deferred to the last micro-batch.
     if overlap_grad_reduce:
         config.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_grads
     return chunks
+
+
+def finalize_grads(model, *args, **kwargs):
+    """megatron's finalize_model_grads (DP reduce, SP norm grads, tied embeddings), then the sums
+    over tensor-parallel ranks of replicated multi-query key/value projections (layers/multi_query.py)."""
+    from llama_plugin.layers.multi_query import sum_tp_partial_grads
+
+    finalize_model_grads(model, *args, **kwargs)
+    sum_tp_partial_grads(model)
 
 
 def build_optimizer(model_chunks, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,

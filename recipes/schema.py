@@ -38,6 +38,10 @@ class ModelConfig:
     # heads). parallel_layers: PaLM's y = x + attn(norm(x)) + mlp(norm(x)).
     normalization: str = "RMSNorm"
     activation: str = "swiglu"
+    # fused: megatron's one q/k/v projection, key/value heads split over TP ranks. shared (PaLM,
+    # num_query_groups 1): a query projection split over TP ranks and the one key/value head's
+    # projection on every rank (llama_plugin/layers/multi_query.py), for any TP size.
+    kv_projection: str = "fused"
     position_embedding: str = "rope"
     bias: bool = False
     head_dim: Optional[int] = None
@@ -56,11 +60,15 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    """LLaMA's AdamW and schedule (paper section 2.3)."""
+    """LLaMA's AdamW and schedule (paper section 2.3); PaLM's Adafactor as an alternative."""
 
+    name: str = "adamw"  # adamw | adafactor (PaLM's: llama_plugin/optim/adafactor.py)
     lr: float = MISSING  # peak learning rate, set per size
     min_lr_ratio: float = 0.1  # final lr = 10% of peak
     warmup_steps: int = 2000
+    # linear: from 0 to the peak over warmup_steps; constant: the peak from step 1 (PaLM: 1e-2 for
+    # 10k steps, then the inverse square root decay).
+    warmup_style: str = "linear"
     decay_style: str = "cosine"  # cosine | linear | constant | inverse-square-root (PaLM)
     decay_steps: Optional[int] = None  # None: decay until train.steps
     beta1: float = 0.9
@@ -68,6 +76,13 @@ class OptimizerConfig:
     eps: float = 1e-5  # the paper gives none; LLaMA-2 states 1e-5
     weight_decay: float = 0.1
     clip_grad: float = 1.0
+    # Adafactor only (PaLM): second-moment decay beta2 = 1 - k^beta2_decay, update clipping, lr
+    # scaled by the parameter's RMS, weight decay lr^weight_decay_lr_power (null: weight_decay x lr).
+    # beta1 is the momentum; eps, beta2 are Adam's only.
+    beta2_decay: float = -0.8
+    clip_threshold: float = 1.0
+    scale_parameter: bool = True
+    weight_decay_lr_power: Optional[float] = None
 
 
 @dataclass
@@ -149,9 +164,18 @@ class ClusterConfig:
 
 
 @dataclass
+class BatchStage:
+    global_batch_size: int = MISSING
+    until_step: int = MISSING  # this batch size for data batches before this one
+
+
+@dataclass
 class TrainConfig:
     steps: int = MISSING  # optimizer steps
-    global_batch_size: int = MISSING  # sequences per step
+    global_batch_size: int = MISSING  # sequences per step (after any ramp)
+    # Smaller global batches first (PaLM: 512 until step 50k, 1024 until 115k, then 2048): stages in
+    # order, each used until its until_step (llama_plugin/optim/batch_ramp.py).
+    batch_ramp: List[BatchStage] = field(default_factory=list)
     micro_batch_size: int = 1
     precision: str = "bf16"  # bf16 | fp32
     seed: int = 1234

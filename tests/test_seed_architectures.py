@@ -29,8 +29,10 @@ GPT3_TINY = dict(TINY, name="gpt3_tiny", normalization="LayerNorm", bias=True, a
                  position_embedding="learned_absolute", share_embeddings_and_output_weights=True)
 # PaLM's: parallel layers, LayerNorm without bias, SwiGLU, no biases, tied embeddings, head size != d / heads.
 # (z-loss 0.1, 1000 x PaLM's, so a tensor-parallel error in it would show at 1e-5.)
+# Multi-query: one key/value head, its projection on every tensor-parallel rank.
 PALM_TINY = dict(TINY, name="palm_tiny", normalization="LayerNorm", parallel_layers=True, head_dim=32,
-                 num_query_groups=2, ffn_hidden_size=128, share_embeddings_and_output_weights=True, z_loss=0.1)
+                 num_query_groups=1, kv_projection="shared", ffn_hidden_size=128,
+                 share_embeddings_and_output_weights=True, z_loss=0.1)
 # LaMDA's: gated-GELU, head size != d / heads, T5 relative position bias (8 buckets up to distance 20,
 # so the 64-token sequences reach the logarithmic buckets and the last, clipped one).
 LAMDA_TINY = dict(TINY, name="lamda_tiny", activation="geglu", head_dim=32, ffn_hidden_size=96,
@@ -113,9 +115,9 @@ def test_gpt3_layer_matches_gpt2_lm_head_model():
 
 def palm_reference_logits(w: dict, cfg, tokens: torch.Tensor) -> torch.Tensor:
     """PaLM section 2, in plain PyTorch: y = x + MLP(LN(x)) + Attn(LN(x)) with one scale-only
-    LayerNorm, SwiGLU MLP, multi-/grouped-query causal attention with RoPE (rotate-half), no
-    biases, the output projection = the input embedding."""
-    s, d, heads, groups, hd = len(tokens), cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
+    LayerNorm, SwiGLU MLP, multi-query causal attention (every query head reads the one key/value
+    head) with RoPE (rotate-half), no biases, the output projection = the input embedding."""
+    s, d, heads, hd = len(tokens), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     ln = lambda x, g: F.layer_norm(x, (d,), g, None, cfg.norm_epsilon)
     inv = 1.0 / cfg.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
     ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)
@@ -125,11 +127,9 @@ def palm_reference_logits(w: dict, cfg, tokens: torch.Tensor) -> torch.Tensor:
     for i in range(cfg.num_layers):
         p = f"decoder.layers.{i}."
         h = ln(x, w[p + "input_layernorm.weight"])
-        # megatron's fused qkv: per key/value group, its query heads, then its key, then its value
-        qkv = (h @ w[p + "self_attention.linear_qkv.weight"].t()).view(s, groups, heads // groups + 2, hd)
-        q = qkv[:, :, :-2].reshape(s, heads, hd).transpose(0, 1)
-        k, v = qkv[:, :, -2].transpose(0, 1), qkv[:, :, -1].transpose(0, 1)
-        k, v = k.repeat_interleave(heads // groups, 0), v.repeat_interleave(heads // groups, 0)
+        q = (h @ w[p + "self_attention.linear_qkv.weight"].t()).view(s, heads, hd).transpose(0, 1)
+        k, v = (h @ w[p + "self_attention.linear_qkv.kv_weight"].t()).view(s, 2, hd).unbind(1)
+        k, v = k.expand(heads, s, hd), v.expand(heads, s, hd)
         scores = rope(q) @ rope(k).transpose(1, 2) / math.sqrt(hd)
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
         attn = (scores.softmax(-1) @ v).transpose(0, 1).reshape(s, heads * hd)
@@ -277,6 +277,8 @@ CASES = {"gpt3": GPT3_TINY, "palm": PALM_TINY, "lamda": LAMDA_TINY, "sliding_win
 # matrix) and lr^2 weight decay, at an lr that moves weights of std 0.02 within 6 steps; the
 # others with AdamW.
 OPTIMIZERS = {"palm": dict(weight_decay_lr_power=2.0, lr=0.2)}
+# Multi-query without sequence parallelism too: its input-gradient sum is then an all-reduce.
+EXTRA_LAYOUTS = {"palm": {"tp2": {"tp": 2}}}
 
 
 def test_new_layer_types_train_alike_in_every_layout(tmp_path):
@@ -285,13 +287,13 @@ def test_new_layer_types_train_alike_in_every_layout(tmp_path):
     cases = {}
     for name, shape in CASES.items():
         torch.save(global_weights(model_cfg(shape), seed=1), tmp_path / f"{name}.pt")
-        cases[name] = (shape, str(tmp_path / f"{name}.pt"), OPTIMIZERS.get(name))
-    spawn_world(2, train_global_layouts, str(tmp_path / "out.json"), cases, LAYOUTS)
+        cases[name] = (shape, str(tmp_path / f"{name}.pt"), OPTIMIZERS.get(name), {**LAYOUTS, **EXTRA_LAYOUTS.get(name, {})})
+    spawn_world(2, train_global_layouts, str(tmp_path / "out.json"), cases)
     got = json.loads((tmp_path / "out.json").read_text())
     for case in CASES:
         ref = got[f"{case}/dp2"]
         assert ref["losses"][-1] < ref["losses"][0] - 0.05, (case, ref)  # it trains
-        for layout in ("tp2_sp", "pp2"):
+        for layout in [name for name in cases[case][3] if name != "dp2"]:
             run = got[f"{case}/{layout}"]
             for key in ("losses", "grad_norms"):
                 diff = max(abs(a - b) for a, b in zip(run[key], ref[key], strict=True))

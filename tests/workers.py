@@ -210,9 +210,9 @@ def global_weights(model_cfg, seed: int = 0) -> dict:
     return {name: p.detach().clone() for name, p in net.named_parameters()}
 
 
-def train_global_layouts(result_path: str, cases: dict, layouts: dict, steps: int = 6) -> None:
+def train_global_layouts(result_path: str, cases: dict, steps: int = 6) -> None:
     """For each case (name -> (model recipe dict, path of its full weights by megatron-core name,
-    Adafactor settings or None for AdamW)),
+    Adafactor settings or None for AdamW, layouts)),
     train every layout (name -> {tp, pp, sequence_parallel}) in turn in this world from the same
     weights; rank 0 writes "case/layout" -> losses and grad norms. For layer types no HF folder
     holds (LayerNorm, biases, learned positions, parallel layers...)."""
@@ -222,7 +222,7 @@ def train_global_layouts(result_path: str, cases: dict, layouts: dict, steps: in
     from llama_plugin.model import ACTIVATIONS
 
     results = {}
-    for case, (model, weights_path, adafactor) in cases.items():
+    for case, (model, weights_path, adafactor, layouts) in cases.items():
         model_cfg = validate(OmegaConf.create(model), ModelConfig)
         weights = torch.load(weights_path)
         shared = model_cfg.share_embeddings_and_output_weights

@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.transformer.identity_op import IdentityOp
 
 from llama_plugin.layers import attention
+from llama_plugin.layers.multi_query import SharedKVLinear
 from llama_plugin.layers.norm import LayerNorm, RMSNorm
 from llama_plugin.layers.parallel import ParallelAttentionMLPLayer
 
@@ -51,7 +52,8 @@ def norm_spec(config: TransformerConfig):
     return ModuleSpec(module=LayerNorm, params={"bias": config.add_bias_linear})
 
 
-def local_layer(norm=RMSNorm, parallel_layers: bool = False, relative_attention: dict | None = None) -> ModuleSpec:
+def local_layer(norm=RMSNorm, parallel_layers: bool = False, relative_attention: dict | None = None,
+                shared_kv: bool = False) -> ModuleSpec:
     # PaLM's parallel layer feeds one norm's output to attention and MLP alike: no pre-MLP norm.
     keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if not parallel_layers:
@@ -64,7 +66,7 @@ def local_layer(norm=RMSNorm, parallel_layers: bool = False, relative_attention:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=SharedKVLinear if shared_kv else ColumnParallelLinear,
                     # looked up at build time, so a test can swap in megatron's own core
                     core_attention=ModuleSpec(module=attention.SDPAttention, params=relative_attention)
                     if relative_attention else attention.SDPAttention,
@@ -86,14 +88,17 @@ def local_layer(norm=RMSNorm, parallel_layers: bool = False, relative_attention:
 
 
 def llama_layer_spec(transformer_impl: str = "local", config: TransformerConfig | None = None,
-                     parallel_layers: bool = False, relative_attention: dict | None = None) -> ModuleSpec:
+                     parallel_layers: bool = False, relative_attention: dict | None = None,
+                     shared_kv: bool = False) -> ModuleSpec:
     if transformer_impl == "local":
-        return local_layer(RMSNorm if config is None else norm_spec(config), parallel_layers, relative_attention)
+        return local_layer(RMSNorm if config is None else norm_spec(config), parallel_layers, relative_attention,
+                           shared_kv)
     if transformer_impl == "te":
-        for field, used in (("parallel_layers", parallel_layers), ("position_embedding", relative_attention)):
+        for field, used in (("parallel_layers", parallel_layers), ("position_embedding", relative_attention),
+                            ("kv_projection", shared_kv)):
             if used:
-                raise ValueError(f"model.{field}: megatron-core's TransformerEngine spec has no parallel layers "
-                                 "or relative position bias; use model.transformer_impl=local")
+                raise ValueError(f"model.{field}: megatron-core's TransformerEngine spec has no parallel layers, "
+                                 "relative position bias or shared key/value projection; use model.transformer_impl=local")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
@@ -102,7 +107,7 @@ def llama_layer_spec(transformer_impl: str = "local", config: TransformerConfig 
 
 def llama_block_spec(config: TransformerConfig, transformer_impl: str = "local",
                      vp_stage: int | None = None, parallel_layers: bool = False,
-                     relative_attention: dict | None = None) -> ModuleSpec:
+                     relative_attention: dict | None = None, shared_kv: bool = False) -> ModuleSpec:
     """The decoder: this pipeline stage's layers and, on the last stage, the final norm."""
     if transformer_impl == "te":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
@@ -112,7 +117,8 @@ def llama_block_spec(config: TransformerConfig, transformer_impl: str = "local",
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(
-            layer_specs=[llama_layer_spec(transformer_impl, config, parallel_layers, relative_attention)] * layers,
+            layer_specs=[llama_layer_spec(transformer_impl, config, parallel_layers, relative_attention,
+                                          shared_kv)] * layers,
             layer_norm=final_norm,
         ),
     )
