@@ -63,6 +63,7 @@ CHOICES = {
     "activation": ("swiglu", "geglu", "gelu"),
     "position_embedding": ("rope", "learned_absolute", "relative"),
     "kv_projection": ("fused", "shared"),
+    "init": ("normal", "palm"),
 }
 
 
@@ -72,6 +73,27 @@ def relative_attention(model) -> dict | None:
         return None
     return {"relative_attention_num_buckets": model.relative_attention_num_buckets,
             "relative_attention_max_distance": model.relative_attention_max_distance}
+
+
+class FanInNormal:
+    """PaLM's kernel initialisation: N(0, std 1/sqrt(fan-in)), fan-in the full matrix's columns.
+
+    megatron calls an init method on the full matrix (CPU initialisation) or on this rank's slice
+    (GPU): a row-parallel slice holds 1/tp of the columns, so its fan-in is scaled back up."""
+
+    def __init__(self, columns_per_slice: int = 1):
+        self.columns_per_slice = columns_per_slice
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.normal_(weight, 0.0, (weight.shape[-1] * self.columns_per_slice) ** -0.5)
+
+
+def init_methods(model, tensor_parallel: int, cpu_init: bool) -> dict:
+    """TransformerConfig's init settings for `model.init` (none for megatron's default)."""
+    if model.init == "normal":
+        return {}
+    return dict(init_method=FanInNormal(), output_layer_init_method=FanInNormal(1 if cpu_init else tensor_parallel),
+                embedding_init_method=lambda w: torch.nn.init.normal_(w, 0.0, 1.0))
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +168,7 @@ def transformer_config(
     """
     check_model_shape(model, tensor_parallel, pipeline_parallel)
     on_gpu = torch.cuda.is_available()
+    cpu_init = (not on_gpu) if use_cpu_initialization is None else use_cpu_initialization
     activation_func, gated = ACTIVATIONS[model.activation]
     settings = dict(
         num_layers=model.num_layers,
@@ -173,7 +196,7 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
-        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
+        use_cpu_initialization=cpu_init,
         perform_initialization=perform_initialization,
         # Fused kernels exist only on GPU: SwiGLU's (megatron's own), and RoPE's (TransformerEngine's).
         # The SDPA attention core needs no softmax fusion. megatron's fused GELUs take only F.gelu,
@@ -181,6 +204,7 @@ def transformer_config(
         bias_activation_fusion=on_gpu and model.activation == "swiglu",
         masked_softmax_fusion=False,
         apply_rope_fusion=on_gpu and transformer_impl == "te" and model.position_embedding == "rope",
+        **init_methods(model, tensor_parallel, cpu_init),
     )
     settings.update(overrides)
     return TransformerConfig(**settings)

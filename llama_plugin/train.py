@@ -65,7 +65,8 @@ def lr_at(step: int, o, total_steps: int) -> float:
 
     Linear warm-up from 0 to the peak over warmup_steps (or the peak throughout, warmup_style
     constant), then cosine (or linear) decay to min_lr_ratio * peak at decay_steps, constant after;
-    PaLM's inverse square root optional: peak * sqrt(warmup_steps / step).
+    PaLM's inverse square root optional: peak * sqrt(warmup_steps / step) (with a constant warm-up,
+    PaLM's 1 / sqrt(max(step, 10^4)) at peak 1e-2, steps counted from 0 as T5X counts them).
     """
     peak, floor = o.lr, o.lr * o.min_lr_ratio
     decay = o.decay_steps if o.decay_steps is not None else total_steps

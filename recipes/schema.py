@@ -30,6 +30,9 @@ class ModelConfig:
     # tokens before it. None: full causal attention. A window >= seq_length changes nothing (warned).
     sliding_window: Optional[int] = None
     init_method_std: float = 0.02
+    # normal: N(0, init_method_std), megatron's output-layer scaling by 1/sqrt(2 layers). palm: kernels
+    # N(0, std 1/sqrt(fan-in)), embeddings N(0, 1) (PaLM, section 2).
+    init: str = "normal"
     # The layer choices the seed systems differ in (LLAMA_FACTS.md, "Other seed systems"); the
     # defaults are LLaMA's. norm: RMSNorm | LayerNorm. activation: swiglu | geglu (LaMDA's gated
     # GELU) | gelu (GPT-3's; GELU is the tanh approximation, as GPT-2/3 and T5 have it).
