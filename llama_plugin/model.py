@@ -130,7 +130,15 @@ def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 
          f"num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size={pipeline_parallel}"),
         (model.sliding_window is None or model.sliding_window >= 1, "model.sliding_window",
          f"sliding_window={model.sliding_window} must be at least 1 (or null for full attention)"),
+        (model.z_loss >= 0, "model.z_loss", f"z_loss={model.z_loss} must be >= 0"),
     ]
+    # megatron-core's TransformerEngine layer has none of these (layers/spec.py refuses them too).
+    if model.transformer_impl == "te":
+        rules += [(not model.parallel_layers, "model.parallel_layers", "parallel layers need transformer_impl=local"),
+                  (model.position_embedding != "relative", "model.position_embedding",
+                   "the relative position bias needs transformer_impl=local"),
+                  (model.kv_projection == "fused", "model.kv_projection",
+                   "the shared key/value projection needs transformer_impl=local")]
     for ok, field, message in rules:
         if not ok:
             raise ModelConfigError(f"{field}: {message}")

@@ -104,6 +104,22 @@ BAD = [  # (overrides, world size, the field the message must name)
     (["model.seq_length=127"], 2, "model.seq_length"),
     (["train.exit_at_step=301"], 2, "train.exit_at_step"),
     (["model.num_layers=3", "parallel.tensor=1", "parallel.pipeline=2"], 2, "model.num_layers"),
+    # the seed systems' layer choices (issue 14)
+    (["model.num_query_groups=1"], 2, "model.kv_projection=shared"),  # multi-query at TP=2 needs the shared projection
+    (["model.kv_projection=shared"], 2, "model.kv_projection"),  # 4 key/value heads are not multi-query
+    (["model.position_embedding=alibi"], 2, "model.position_embedding"),
+    (["model.normalization=BatchNorm"], 2, "model.normalization"),
+    (["model.activation=relu"], 2, "model.activation"),
+    (["model.init=xavier"], 2, "model.init"),
+    (["model.sliding_window=0"], 2, "model.sliding_window"),
+    (["model.z_loss=-1e-4"], 2, "model.z_loss"),
+    (["optimizer.name=lion"], 2, "optimizer.name"),
+    (["optimizer.warmup_style=cosine"], 2, "optimizer.warmup_style"),
+    (["optimizer.name=adafactor", "parallel=cpu_single", "parallel.distributed_optimizer=true"], 2, "optimizer.name"),
+    (["train.batch_ramp=[{global_batch_size:6,until_step:10}]"], 2, "train.batch_ramp[0].global_batch_size"),
+    (["train.batch_ramp=[{global_batch_size:8,until_step:20},{global_batch_size:12,until_step:10}]"], 2,
+     "train.batch_ramp[1].until_step"),
+    (["train.batch_ramp=[{global_batch_size:8,until_step:300}]"], 2, "train.batch_ramp[0].until_step"),
 ]
 
 
@@ -112,6 +128,14 @@ def test_invalid_override_names_the_field(overrides, world, field):
     with pytest.raises(RecipeError) as e:
         resolve(recipe("tiny_cpu", *overrides), world)
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [("parallel_layers", "true"), ("position_embedding", "relative"),
+                                         ("kv_projection", "shared")])
+def test_transformer_engine_refuses_layers_it_has_no_spec_for(field, value):
+    extra = ["model.num_query_groups=1"] if field == "kv_projection" else []
+    with pytest.raises(RecipeError, match=f"model.{field}"):
+        resolve(recipe("tiny_cpu", "model.transformer_impl=te", f"model.{field}={value}", *extra), 2, have_te=True)
 
 
 def test_knobs_that_cannot_apply_are_reported_and_turned_off():

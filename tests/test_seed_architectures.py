@@ -20,7 +20,7 @@ from llama_plugin.generate import generate_ids, last_stage_logits
 from llama_plugin.model import build_gpt_model, transformer_config
 from recipes import validate
 from recipes.schema import ModelConfig
-from tests.workers import global_weights, train_global_layouts
+from tests.workers import global_weights, reshard_checkpoints, train_global_layouts
 
 LOGIT_TOL = 1e-5
 TINY = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=512, seq_length=64, norm_epsilon=1e-5)
@@ -318,3 +318,25 @@ def test_new_layer_types_train_alike_in_every_layout(tmp_path):
                 diff = max(abs(a - b) for a, b in zip(run[key], ref[key], strict=True))
                 print(f"{case} {layout} {key}: max |diff| {diff:.2e} (first/last loss {ref['losses'][0]:.4f}/{ref['losses'][-1]:.4f})")
                 assert diff <= 1e-5, (case, layout, key, run[key], ref[key])
+
+
+def test_checkpoints_of_new_layers_load_into_other_layouts(tmp_path):
+    """Saved at TP=2 + SP, loaded at TP=1 and at PP=2: every tensor arrives exactly (the relative
+    bias table split by head, the replicated key/value projection, biases, learned positions)."""
+    cases = {}
+    for name in ("gpt3", "palm", "lamda"):
+        torch.save(global_weights(model_cfg(CASES[name]), seed=6), tmp_path / f"{name}.pt")
+        cases[name] = (CASES[name], str(tmp_path / f"{name}.pt"))
+    spawn_world(2, reshard_checkpoints, str(tmp_path / "out.json"), cases, str(tmp_path / "ckpt"))
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got == {f"{c}/{layout}": 0.0 for c in cases for layout in ("tp1_pp1", "tp1_pp2")}, got
+
+
+def test_only_llama_shaped_models_become_hf_folders():
+    from llama_plugin.hf import HFFolderError, hf_config_from_model
+
+    for shape, field in ((GPT3_TINY, "model.normalization"), (PALM_TINY, "model.normalization"),
+                         (LAMDA_TINY, "model.activation")):
+        with pytest.raises(HFFolderError, match=field):
+            hf_config_from_model(model_cfg(shape), torch.float32)
+    assert hf_config_from_model(model_cfg(SLIDING_TINY), torch.float32)["model_type"] == "mistral"

@@ -259,3 +259,54 @@ def train_global_layouts(result_path: str, cases: dict, steps: int = 6) -> None:
     if torch.distributed.get_rank() == 0:
         with open(result_path, "w") as f:
             json.dump(results, f)
+
+
+def reshard_checkpoints(result_path: str, cases: dict, ckpt_root: str) -> None:
+    """For each case (name -> (model recipe dict, full weights path)): save from TP=2 (+SP), load
+    into TP=1 (DP=2) and into PP=2; rank 0 writes, per case and layout, the largest difference
+    from the full weights of every parameter it loaded (0.0 is exact)."""
+    from pathlib import Path
+
+    from llama_plugin import checkpoint
+    from llama_plugin.convert import load_global_into
+    from llama_plugin.model import ACTIVATIONS
+
+    out = {}
+    for case, (model, weights_path) in cases.items():
+        model_cfg = validate(OmegaConf.create(model), ModelConfig)
+        weights = torch.load(weights_path)
+        tied = model_cfg.share_embeddings_and_output_weights
+
+        def global_tensor(name, layer):
+            if layer is not None:
+                return weights[f"decoder.layers.{layer}.{name}"]
+            return weights["embedding.word_embeddings.weight" if name == "output_layer.weight" and tied else name]
+
+        init_distributed(2, 1)
+        net = build_gpt_model(model_cfg, transformer_config(model_cfg, tensor_parallel=2, sequence_parallel=True,
+                                                            perform_initialization=False))
+        load_global_into(net, global_tensor, gated=ACTIVATIONS[model_cfg.activation][1])
+        ckpt = Path(ckpt_root) / case
+        checkpoint.save_checkpoint([net], ckpt, model_cfg, torch.float32, train_state={"step": 1})
+        for tp, pp in ((1, 1), (1, 2)):
+            init_distributed(tp, pp)
+            net = build_gpt_model(model_cfg, transformer_config(model_cfg, tensor_parallel=tp, pipeline_parallel=pp,
+                                                                perform_initialization=False))
+            for p in net.parameters():
+                p.data.fill_(float("nan"))
+            checkpoint.load_checkpoint([net], ckpt)
+            diffs = torch.tensor([0.0])
+            for name, p in net.named_parameters():
+                layer = name.split(".")
+                glob = name
+                if name.startswith("decoder.layers."):
+                    glob = f"decoder.layers.{net.decoder.layers[int(layer[2])].layer_number - 1}.{'.'.join(layer[3:])}"
+                elif name == "output_layer.weight" and tied:
+                    glob = "embedding.word_embeddings.weight"
+                d = (p.detach() - weights[glob]).abs().max()
+                diffs = torch.maximum(diffs, torch.nan_to_num(d, nan=float("inf")).reshape(1))
+            torch.distributed.all_reduce(diffs, op=torch.distributed.ReduceOp.MAX)
+            out[f"{case}/tp{tp}_pp{pp}"] = diffs.item()
+    if torch.distributed.get_rank() == 0:
+        with open(result_path, "w") as f:
+            json.dump(out, f)
