@@ -9,4 +9,9 @@ optimal sizing and the layouts that fit, before a run is launched.
     layouts.py       every layout of a recipe on N GPUs that fits, fastest first
     measure.py       what the real model saves for backward (the tests' check on activations.py)
     plot.py          the memory breakdown as a PNG
+
+Weights, gradients and optimizer states are exact for every layer type a model recipe can choose
+(model_states.py counts the modules megatron builds). Activations are derived for LLaMA's serial
+layer; the seed systems' other layers (PaLM's parallel layers, LayerNorm, GELU MLPs, learned
+positions, relative bias) are planned with LLaMA's count, an approximation.
 """

@@ -82,7 +82,9 @@ def plan_recipe(cfg, *, gpu: str | None = None, mfu: float | None = None, power_
     source = "given (--mfu)" if mfu is not None else (
         f"calibrated: {cost.PAPER_65B_TOKENS_PER_SEC_PER_GPU:g} tokens/s/GPU for LLaMA-65B on A100 (paper section 2.4)")
     mfu = mfu if mfu is not None else default_mfu()
-    tokens = t.steps * t.global_batch_size * model.seq_length
+    from llama_plugin.optim.batch_ramp import from_recipe
+
+    tokens = from_recipe(t, layout.data).first_sample(t.steps) * model.seq_length  # a batch ramp counts less
     x = shape(model, layout, t.precision)
     return {
         "recipe": cfg.name, "model": model.name, "parameters": cost.num_parameters(model),

@@ -24,30 +24,52 @@ class Param:
     shared_embedding: bool = False  # a tied output layer on a later stage: its own bucket
 
 
-def rank_parameters(model, tensor: int, pipeline: int, stage: int, num_query_groups: int, ffn: int) -> list[Param]:
+def _layer_and_top_parameters(model) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """Names and full (TP=1) sizes, in megatron-core's registration order, of one decoder layer and
+    of the model-level tensors, from a one-layer model built on the meta device: every layer type
+    the model recipe can choose (layers/) is counted as megatron allocates it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from llama_plugin.distributed import init_distributed
+    from llama_plugin.model import build_gpt_model, transformer_config
+
+    one = OmegaConf.merge(model, {"num_layers": 1, "share_embeddings_and_output_weights": False})
+    init_distributed(1, 1)
+    config = transformer_config(one, use_cpu_initialization=True, perform_initialization=False)
+    with torch.device("meta"):
+        net = build_gpt_model(one, config)
+    layer, top = [], {}
+    for name, p in net.named_parameters():
+        if name.startswith("decoder.layers.0."):
+            layer.append((name.removeprefix("decoder.layers.0."), p.numel()))
+        else:
+            top[name] = p.numel()
+    return layer, top
+
+
+def rank_parameters(model, tensor: int, pipeline: int, stage: int, num_query_groups: int | None = None,
+                    ffn: int | None = None) -> list[Param]:
     """This stage's parameters (tensor-parallel rank 0 holds the same sizes as every other), in the
-    order megatron-core's GPTModel registers them."""
-    h, a, g, v, t = model.hidden_size, model.num_attention_heads, num_query_groups, model.vocab_size, tensor
-    d = h // a
+    order megatron-core's GPTModel registers them. Split tensors (model.tp_split_dim) hold 1/TP.
+    (`num_query_groups` and `ffn` are read from the model; kept for callers that pass them.)"""
+    from llama_plugin.model import tp_split_dim
+
+    layer, top = _layer_and_top_parameters(model)
+    local = lambda name, n: n // tensor if tp_split_dim(name) is not None else n
     per_stage = model.num_layers // pipeline
     first, last = stage == 0, stage == pipeline - 1
     params = []
     if first:
-        params.append(Param("embedding.word_embeddings.weight", v // t * h))
+        params += [Param(n, local(n, k)) for n, k in top.items() if n.startswith("embedding.")]
     for i in range(stage * per_stage, (stage + 1) * per_stage):
-        params += [
-            Param(f"decoder.layers.{i}.input_layernorm.weight", h),
-            Param(f"decoder.layers.{i}.self_attention.linear_proj.weight", h * a * d // t),
-            Param(f"decoder.layers.{i}.self_attention.linear_qkv.weight", (a + 2 * g) * d // t * h),
-            Param(f"decoder.layers.{i}.pre_mlp_layernorm.weight", h),
-            Param(f"decoder.layers.{i}.mlp.linear_fc1.weight", 2 * ffn // t * h),
-            Param(f"decoder.layers.{i}.mlp.linear_fc2.weight", h * ffn // t),
-        ]
+        params += [Param(f"decoder.layers.{i}.{n}", local(n, k)) for n, k in layer]
     if last:
-        params.append(Param("decoder.final_layernorm.weight", h))
+        params += [Param(n, k) for n, k in top.items() if n.startswith("decoder.final_layernorm.")]
         tied = model.share_embeddings_and_output_weights
         if not tied or not first:  # tied on one stage: the embedding is the output layer
-            params.append(Param("output_layer.weight", v // t * h, shared_embedding=tied))
+            name = "output_layer.weight"
+            params.append(Param(name, local(name, top[name]), shared_embedding=tied))
     return params
 
 
