@@ -26,5 +26,7 @@ def flops_per_token(num_parameters: int, model) -> int:
     n_matmul = num_parameters - lookup_only
     head_dim = model_head_dim(model)
     span = min(model.seq_length, model.sliding_window or model.seq_length)
-    attention = 12 * model.num_layers * model.num_attention_heads * head_dim * span
+    full_layers = model.num_layers // model.full_attention_every if model.full_attention_every else 0
+    spans = full_layers * model.seq_length + (model.num_layers - full_layers) * span
+    attention = 12 * model.num_attention_heads * head_dim * spans
     return 6 * n_matmul + attention

@@ -131,6 +131,9 @@ def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 
         (model.sliding_window is None or model.sliding_window >= 1, "model.sliding_window",
          f"sliding_window={model.sliding_window} must be at least 1 (or null for full attention)"),
         (model.z_loss >= 0, "model.z_loss", f"z_loss={model.z_loss} must be >= 0"),
+        (model.full_attention_every is None or (model.full_attention_every >= 1 and model.sliding_window is not None),
+         "model.full_attention_every", f"full_attention_every={model.full_attention_every} needs a sliding_window "
+         "and must be at least 1"),
     ]
     # megatron-core's TransformerEngine layer has none of these (layers/spec.py refuses them too).
     if model.transformer_impl == "te":
@@ -196,6 +199,7 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         window_size=attention_window(model),
+        window_attn_skip_freq=model.full_attention_every,
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,

@@ -29,6 +29,9 @@ class ModelConfig:
     # Sliding-window attention (the Mistral-7B shape): each token sees itself and the window - 1
     # tokens before it. None: full causal attention. A window >= seq_length changes nothing (warned).
     sliding_window: Optional[int] = None
+    # With a window: every n-th layer (n, 2n, ...) attends to the whole context instead, as GPT-3
+    # alternates dense and locally banded layers (n = 2). None: every layer is windowed (Mistral).
+    full_attention_every: Optional[int] = None
     init_method_std: float = 0.02
     # normal: N(0, init_method_std), megatron's output-layer scaling by 1/sqrt(2 layers). palm: kernels
     # N(0, std 1/sqrt(fan-in)), embeddings N(0, 1) (PaLM, section 2).

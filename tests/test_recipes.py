@@ -112,6 +112,7 @@ BAD = [  # (overrides, world size, the field the message must name)
     (["model.activation=relu"], 2, "model.activation"),
     (["model.init=xavier"], 2, "model.init"),
     (["model.sliding_window=0"], 2, "model.sliding_window"),
+    (["model.full_attention_every=2"], 2, "model.full_attention_every"),  # no window to skip
     (["model.z_loss=-1e-4"], 2, "model.z_loss"),
     (["optimizer.name=lion"], 2, "optimizer.name"),
     (["optimizer.warmup_style=cosine"], 2, "optimizer.warmup_style"),

@@ -37,7 +37,9 @@ PALM_TINY = dict(TINY, name="palm_tiny", normalization="LayerNorm", parallel_lay
 # so the 64-token sequences reach the logarithmic buckets and the last, clipped one).
 LAMDA_TINY = dict(TINY, name="lamda_tiny", activation="geglu", head_dim=32, ffn_hidden_size=96,
                   position_embedding="relative", relative_attention_num_buckets=8, relative_attention_max_distance=20)
-SLIDING_TINY = dict(TINY, name="sliding_tiny", num_query_groups=2, ffn_hidden_size=96, sliding_window=8)
+# A window of 8 keys on layers 1 and 3, full attention on layers 2 and 4 (GPT-3's alternation).
+SLIDING_TINY = dict(TINY, name="sliding_tiny", num_query_groups=2, ffn_hidden_size=96, sliding_window=8,
+                    full_attention_every=2)
 
 
 def model_cfg(shape: dict):
@@ -239,6 +241,25 @@ def test_palm_initialisation():
         assert w[name].numel() >= 8192 and abs(w[name].std().item() / std - 1) < 0.05, (name, w[name].std(), std)
     # On a GPU megatron initialises a row-parallel weight by its slice: half the columns at TP=2.
     assert abs(FanInNormal(2)(torch.empty(512, 256)).std().item() / 512 ** -0.5 - 1) < 0.05
+
+
+def test_full_attention_every_second_layer():
+    """Layers 2 and 4 attend to the whole context, layers 1 and 3 to a band of 8 keys."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from llama_plugin.layers.attention import SDPAttention
+
+    init_distributed(1, 1)
+    config = transformer_config(model_cfg(SLIDING_TINY))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 1, n, 16, generator=gen) for n in (4, 2, 2))
+    full = SDPAttention(transformer_config(model_cfg(dict(SLIDING_TINY, sliding_window=None, full_attention_every=None))),
+                        1, AttnMaskType.causal, "self")(q, k, v, None)
+    out = {n: SDPAttention(config, n, AttnMaskType.causal, "self")(q, k, v, None) for n in (1, 2, 3, 4)}
+    for n in (2, 4):
+        assert torch.equal(out[n], full)
+    for n in (1, 3):
+        assert torch.equal(out[n][:8], full[:8]) and (out[n][8:] - full[8:]).abs().min(dim=-1).values.max() > 1e-3
 
 
 # ------------------------------------------------------------------ LaMDA's layer: T5 buckets, gated-GELU

@@ -7,7 +7,8 @@ PyTorch dispatches to the FlashAttention / cuDNN / memory-efficient kernels, on 
 flash kernel, so what autograd keeps is O(s) (output and log-sum-exp), not O(s^2).
 Grouped-query attention goes to SDPA as is (`enable_gqa`): key/value heads are not copied.
 
-A sliding window (`config.window_size = (window - 1, 0)`, model.py) becomes a boolean band mask
+A sliding window (`config.window_size = (window - 1, 0)`, model.py; on the layers
+`window_attn_skip_freq` leaves windowed) becomes a boolean band mask
 [s, s] shared by the batch and the heads: SDPA still keeps O(s) for backward, but the mask itself
 is s^2 booleans (64 MiB at 8k). PyTorch's kernel that never forms it, flex_attention, has no CPU
 backward, so it cannot be the one module tree the CPU suite proves.
@@ -24,6 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 
 from llama_plugin.layers.relative_bias import RelativePositionBias
 
@@ -58,7 +60,10 @@ class SDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.attn_mask_type = attn_mask_type
-        self.window = None if config.window_size is None else config.window_size[0] + 1
+        # megatron's rule for which layers the window applies to (window_attn_skip_freq: every n-th
+        # layer attends fully, as GPT-3's alternating dense and banded layers).
+        windowed = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        self.window = config.window_size[0] + 1 if windowed else None
         # LaMDA's T5 relative position bias (relative_bias.py), when the layer spec asks for it.
         self.relative_bias = None if relative_attention_num_buckets is None else \
             RelativePositionBias(config, relative_attention_num_buckets, relative_attention_max_distance)
