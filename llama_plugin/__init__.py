@@ -2,8 +2,11 @@
 
 Modules (one concept each):
   layers/        the LLaMA layer/block ModuleSpec (model.transformer_impl: local | te), the SDPA
-                 attention core, RMSNorm that works under sequence parallelism
+                 attention core (sliding window, T5 relative bias), RMSNorm / LayerNorm under sequence
+                 parallelism, and the seed systems' pieces (PaLM parallel layers, multi-query under
+                 TP, z-loss)
   model.py       TransformerConfig from a model recipe, GPTModel, shape checks
+  optim/         PaLM's Adafactor and staged batch sizes
   cpu_compat.py  megatron-core's CUDA assumptions answered on CPU (inactive with CUDA)
   distributed.py process groups, parallel_state, seeds; local multi-process worlds
   train_step.py  megatron DDP + optimizer + forward/backward schedules for one step
