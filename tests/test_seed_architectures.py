@@ -326,6 +326,7 @@ def test_new_layer_types_train_alike_in_every_layout(tmp_path):
     test_parallel_equivalence ties to one process) within 1e-5, for each layer type."""
     cases = {}
     for name, shape in CASES.items():
+        shape = dict(shape, num_layers=2)  # one layer per pipeline stage; the sliding case: one windowed, one full
         torch.save(global_weights(model_cfg(shape), seed=1), tmp_path / f"{name}.pt")
         cases[name] = (shape, str(tmp_path / f"{name}.pt"), OPTIMIZERS.get(name), {**LAYOUTS, **EXTRA_LAYOUTS.get(name, {})})
     spawn_world(2, train_global_layouts, str(tmp_path / "out.json"), cases)
