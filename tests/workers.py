@@ -210,6 +210,21 @@ def global_weights(model_cfg, seed: int = 0) -> dict:
     return {name: p.detach().clone() for name, p in net.named_parameters()}
 
 
+def full_weights(model: dict, weights_path: str):
+    """(model recipe, full tensors by name, global_tensor(name, layer) for convert.load_global_into)."""
+    model_cfg = validate(OmegaConf.create(model), ModelConfig)
+    weights = torch.load(weights_path)
+
+    def global_tensor(name, layer):
+        if layer is not None:
+            return weights[f"decoder.layers.{layer}.{name}"]
+        if name == "output_layer.weight" and model_cfg.share_embeddings_and_output_weights:
+            return weights["embedding.word_embeddings.weight"]  # the last stage's copy of the tied embedding
+        return weights[name]
+
+    return model_cfg, weights, global_tensor
+
+
 def train_global_layouts(result_path: str, cases: dict, steps: int = 6) -> None:
     """For each case (name -> (model recipe dict, path of its full weights by megatron-core name,
     Adafactor settings or None for AdamW, layouts)),
@@ -223,16 +238,7 @@ def train_global_layouts(result_path: str, cases: dict, steps: int = 6) -> None:
 
     results = {}
     for case, (model, weights_path, adafactor, layouts) in cases.items():
-        model_cfg = validate(OmegaConf.create(model), ModelConfig)
-        weights = torch.load(weights_path)
-        shared = model_cfg.share_embeddings_and_output_weights
-
-        def global_tensor(name, layer):
-            if layer is not None:
-                return weights[f"decoder.layers.{layer}.{name}"]
-            if name == "output_layer.weight" and shared:  # the last stage's copy of the tied embedding
-                return weights["embedding.word_embeddings.weight"]
-            return weights[name]
+        model_cfg, weights, global_tensor = full_weights(model, weights_path)
 
         for name, layout in layouts.items():
             tp, pp = layout.get("tp", 1), layout.get("pp", 1)
@@ -273,14 +279,8 @@ def reshard_checkpoints(result_path: str, cases: dict, ckpt_root: str) -> None:
 
     out = {}
     for case, (model, weights_path) in cases.items():
-        model_cfg = validate(OmegaConf.create(model), ModelConfig)
-        weights = torch.load(weights_path)
+        model_cfg, weights, global_tensor = full_weights(model, weights_path)
         tied = model_cfg.share_embeddings_and_output_weights
-
-        def global_tensor(name, layer):
-            if layer is not None:
-                return weights[f"decoder.layers.{layer}.{name}"]
-            return weights["embedding.word_embeddings.weight" if name == "output_layer.weight" and tied else name]
 
         init_distributed(2, 1)
         net = build_gpt_model(model_cfg, transformer_config(model_cfg, tensor_parallel=2, sequence_parallel=True,
