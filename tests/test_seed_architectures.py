@@ -287,7 +287,7 @@ def lamda_reference_logits(w: dict, cfg, tokens: torch.Tensor) -> torch.Tensor:
     as T5 v1.1), untied output layer."""
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    s, d, heads, hd = len(tokens), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    s, heads, hd = len(tokens), cfg.num_attention_heads, cfg.head_dim
     norm = lambda x, g: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_epsilon) * g
     rel = torch.arange(s).unsqueeze(0) - torch.arange(s).unsqueeze(1)  # key - query
     buckets = T5Attention._relative_position_bucket(rel, bidirectional=False, num_buckets=cfg.relative_attention_num_buckets,
