@@ -54,6 +54,22 @@ def test_llama2_recipes(size, lr):
     assert p.tensor * p.pipeline * p.data == 2048 and t.global_batch_size % p.data == 0 and notes == []
 
 
+def test_gpt3_recipe():
+    """GPT-3's table 2.1 and appendix B: 300B tokens of 2,048-token sequences in ~3.2M-token batches,
+    Adam(0.9, 0.95, 1e-8), lr 0.6e-4, 375M warm-up tokens, cosine to 10% over 260B tokens."""
+    cfg = recipe("gpt3_175b_pretrain")
+    o, t = cfg.optimizer, cfg.train
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    assert (o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.clip_grad, o.min_lr_ratio, o.decay_style) == (
+        0.6e-4, 0.9, 0.95, 1e-8, 0.1, 1.0, 0.1, "cosine")
+    assert round(tokens_per_step / 1e5) == 31 and cfg.model.seq_length == 2048
+    assert (t.steps, o.warmup_steps, o.decay_steps) == tuple(
+        math.ceil(n / tokens_per_step) for n in (300e9, 375e6, 260e9))
+    resolved, notes = resolve(cfg, 2048, have_te=True, have_cuda=True)
+    p = resolved.parallel
+    assert p.tensor * p.pipeline * p.data == 2048 and notes == []
+
+
 def test_llama_mixture_shares():
     cfg = recipe("llama_7b_pretrain")
     shares = {k: v.weight for k, v in cfg.data.sources.items()}
