@@ -90,7 +90,7 @@ def resolve(cfg, world_size: int, have_te: bool | None = None, have_cuda: bool |
             if t[key] is not None and t[key] < 1:
                 raise RecipeError(f"train.{key}: must be >= 1 or null, got {t[key]}")
     try:
-        check_model_shape(cfg.model, p.tensor, p.pipeline)
+        check_model_shape(cfg.model, p.tensor, p.pipeline, p.first_stage_layers, p.last_stage_layers)
     except ModelConfigError as e:
         raise RecipeError(str(e)) from None
 

@@ -104,7 +104,33 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"swiglu": (F.silu, True), "geglu": (gelu_tanh, True), "gelu": (gelu_tanh, False)}
 
 
-def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+def stage_layers(num_layers: int, pipeline: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Layers on each pipeline stage as megatron-core splits them: the first and last stages may
+    hold a given number (`parallel.first_stage_layers` / `last_stage_layers`: megatron's
+    num_layers_in_first/last_pipeline_stage), the stages between share the rest evenly. Raises
+    ModelConfigError naming the field when the split is impossible."""
+    if (first is not None or last is not None) and pipeline == 1:
+        raise ModelConfigError("parallel.first_stage_layers: uneven stages need pipeline parallelism (parallel.pipeline > 1)")
+    for field, n in (("parallel.first_stage_layers", first), ("parallel.last_stage_layers", last)):
+        if n is not None and n < 1:
+            raise ModelConfigError(f"{field}: {n} must be at least 1")
+    middle = pipeline - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if first is None and last is None:
+        if num_layers % pipeline:
+            raise ModelConfigError(f"model.num_layers: num_layers={num_layers} is not divisible by "
+                                   f"pipeline_model_parallel_size={pipeline} (or set parallel.first_stage_layers / "
+                                   "last_stage_layers)")
+    elif rest < 0 or (middle == 0 and rest) or (middle and (rest % middle or rest // middle < 1)):
+        raise ModelConfigError(f"parallel.first_stage_layers: {num_layers} layers = first {first} + last {last} + "
+                               f"{middle} equal middle stages does not split")
+    per = rest // middle if middle else 0
+    return [first if (i == 0 and first is not None) else last if (i == pipeline - 1 and last is not None) else per
+            for i in range(pipeline)]
+
+
+def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                      first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> None:
     """Raise ModelConfigError naming the first field that does not fit the model or the layout."""
     heads, groups = model.num_attention_heads, num_query_groups(model)
     for field, allowed in CHOICES.items():
@@ -126,8 +152,6 @@ def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 
          f"ffn_hidden_size={ffn_hidden_size(model)} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
         (model.vocab_size % tensor_parallel == 0, "model.vocab_size",
          f"vocab_size={model.vocab_size} is not divisible by tensor_model_parallel_size={tensor_parallel}"),
-        (model.num_layers % pipeline_parallel == 0, "model.num_layers",
-         f"num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size={pipeline_parallel}"),
         (model.sliding_window is None or model.sliding_window >= 1, "model.sliding_window",
          f"sliding_window={model.sliding_window} must be at least 1 (or null for full attention)"),
         (model.z_loss >= 0, "model.z_loss", f"z_loss={model.z_loss} must be >= 0"),
@@ -145,6 +169,7 @@ def check_model_shape(model, tensor_parallel: int = 1, pipeline_parallel: int = 
     for ok, field, message in rules:
         if not ok:
             raise ModelConfigError(f"{field}: {message}")
+    stage_layers(model.num_layers, pipeline_parallel, first_stage_layers, last_stage_layers)
 
 
 def attention_window(model) -> tuple[int, int] | None:
@@ -177,7 +202,8 @@ def transformer_config(
 
     `overrides` pass straight to TransformerConfig (recompute, overlap and fusion knobs).
     """
-    check_model_shape(model, tensor_parallel, pipeline_parallel)
+    check_model_shape(model, tensor_parallel, pipeline_parallel, overrides.get("num_layers_in_first_pipeline_stage"),
+                      overrides.get("num_layers_in_last_pipeline_stage"))
     on_gpu = torch.cuda.is_available()
     cpu_init = (not on_gpu) if use_cpu_initialization is None else use_cpu_initialization
     activation_func, gated = ACTIVATIONS[model.activation]

@@ -101,7 +101,7 @@ def build_scheduler(optimizer, o, total_steps: int) -> OptimizerParamScheduler:
 
 
 def transformer_overrides(p) -> dict:
-    """Recompute and overlap settings of the parallel recipe, as TransformerConfig fields."""
+    """Recompute, overlap and uneven-stage settings of the parallel recipe, as TransformerConfig fields."""
     out = {}
     if p.recompute == "selective":
         out.update(recompute_granularity="selective")  # attention core: cheap to recompute, big to keep
@@ -109,6 +109,10 @@ def transformer_overrides(p) -> dict:
         out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if p.tp_comm_overlap:
         out.update(tp_comm_overlap=True)
+    if p.get("first_stage_layers") is not None:
+        out.update(num_layers_in_first_pipeline_stage=p.first_stage_layers)
+    if p.get("last_stage_layers") is not None:
+        out.update(num_layers_in_last_pipeline_stage=p.last_stage_layers)
     return out
 
 

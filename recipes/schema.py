@@ -102,6 +102,11 @@ class ParallelConfig:
     overlap_param_gather: bool = False  # needs distributed_optimizer
     tp_comm_overlap: bool = False  # needs TransformerEngine, tensor > 1, sequence_parallel
     recompute: str = "none"  # none | selective (attention core, the paper's choice) | full
+    # Uneven pipeline stages (megatron's num_layers_in_first/last_pipeline_stage): the first / last
+    # stage holds this many layers, the stages between share the rest evenly (PaLM 540B's 118
+    # layers on 8 stages: 14 + 6 x 15 + 14). None: num_layers / pipeline on every stage.
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
     bucket_size: Optional[int] = None  # DDP bucket size in parameters; None: megatron's default
 
 

@@ -28,6 +28,7 @@ def reference(hf_tiny, tmp_path_factory):
 LAYOUTS = {
     "tp2_sequence_parallel": {"tp": 2, "sequence_parallel": True},
     "pp2_1f1b": {"pp": 2},
+    "pp2_uneven_1_3": {"pp": 2, "first_stage_layers": 1},  # megatron's uneven split: 1 layer, then 3
     "dp2_ddp_overlap": {"overlap_grad_reduce": True, "bucket_size": 20000},
     "dp2_distributed_optimizer": {"overlap_grad_reduce": True, "distributed_optimizer": True, "bucket_size": 20000},
     # Activation recomputation must not change the numbers (selective: attention core; full: layers).

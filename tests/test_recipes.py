@@ -129,6 +129,8 @@ BAD = [  # (overrides, world size, the field the message must name)
     (["model.init=xavier"], 2, "model.init"),
     (["model.sliding_window=0"], 2, "model.sliding_window"),
     (["model.full_attention_every=2"], 2, "model.full_attention_every"),  # no window to skip
+    (["parallel.first_stage_layers=1"], 2, "parallel.first_stage_layers"),  # no pipeline
+    (["parallel=cpu_single", "parallel.pipeline=2", "parallel.first_stage_layers=4"], 2, "parallel.first_stage_layers"),
     (["model.z_loss=-1e-4"], 2, "model.z_loss"),
     (["optimizer.name=lion"], 2, "optimizer.name"),
     (["optimizer.warmup_style=cosine"], 2, "optimizer.warmup_style"),

@@ -50,7 +50,8 @@ def train_layout(result_path: str, hf_dir: str, layout: dict, steps: int = 6) ->
     config = transformer_config(
         model_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype,
         sequence_parallel=layout.get("sequence_parallel", False), perform_initialization=False,
-        **transformer_overrides(OmegaConf.create({"recompute": layout.get("recompute", "none"), "tp_comm_overlap": False})),
+        **transformer_overrides(OmegaConf.create({"recompute": layout.get("recompute", "none"), "tp_comm_overlap": False,
+                                                  "first_stage_layers": layout.get("first_stage_layers")})),
     )
     model = build_gpt_model(model_cfg, config)
     load_hf_into(model, model_cfg, HFWeights(hf_dir))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llama_plugin.model import ffn_hidden_size, num_query_groups
+from llama_plugin.model import ffn_hidden_size, num_query_groups, stage_layers
 from llama_plugin.plan import activations as act
 from llama_plugin.plan.model_states import ddp_bucket_size, model_state_bytes, rank_parameters
 
@@ -32,13 +32,18 @@ class Layout:
     distributed_optimizer: bool
     overlap_grad_reduce: bool = False
     bucket_size: int | None = None
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
     @classmethod
     def of(cls, cfg) -> "Layout":
         p = cfg.parallel
         return cls(p.tensor, p.pipeline, p.data, cfg.train.micro_batch_size, p.recompute,
                    bool(p.sequence_parallel and p.tensor > 1), p.distributed_optimizer, p.overlap_grad_reduce,
-                   p.bucket_size)
+                   p.bucket_size, p.first_stage_layers, p.last_stage_layers)
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        return stage_layers(num_layers, self.pipeline, self.first_stage_layers, self.last_stage_layers)
 
     def num_microbatches(self, global_batch_size: int) -> int:
         return global_batch_size // (self.micro_batch_size * self.data)
@@ -53,7 +58,7 @@ def shape(model, layout: Layout, precision: str) -> act.Shape:
 def stage_activation_terms(model, layout: Layout, precision: str, global_batch_size: int, stage: int,
                            fused_swiglu: bool = True) -> dict[str, int]:
     x = shape(model, layout, precision)
-    per_stage = model.num_layers // layout.pipeline
+    per_stage = layout.stage_layers(model.num_layers)[stage]
     flight = act.in_flight(stage, layout.pipeline, layout.num_microbatches(global_batch_size))
     once = per_stage * act.layer_bytes(x, layout.recompute, fused_swiglu)
     if stage == 0:
@@ -69,8 +74,8 @@ def stage_activation_terms(model, layout: Layout, precision: str, global_batch_s
 
 def stage_memory(model, layout: Layout, precision: str, global_batch_size: int, stage: int, *,
                  fused_swiglu: bool = True, reserve_gb: float = DEFAULT_RESERVE_GB, dp_rank: int = 0) -> dict:
-    params = rank_parameters(model, layout.tensor, layout.pipeline, stage, num_query_groups(model),
-                             ffn_hidden_size(model))
+    params = rank_parameters(model, layout.tensor, layout.pipeline, stage,
+                             stages=layout.stage_layers(model.num_layers))
     terms = model_state_bytes(
         params, param_bytes=DTYPE_BYTES[precision], data_parallel=layout.data, dp_rank=dp_rank,
         distributed_optimizer=layout.distributed_optimizer,

@@ -49,20 +49,21 @@ def _layer_and_top_parameters(model) -> tuple[list[tuple[str, int]], dict[str, i
 
 
 def rank_parameters(model, tensor: int, pipeline: int, stage: int, num_query_groups: int | None = None,
-                    ffn: int | None = None) -> list[Param]:
+                    ffn: int | None = None, stages: list[int] | None = None) -> list[Param]:
     """This stage's parameters (tensor-parallel rank 0 holds the same sizes as every other), in the
     order megatron-core's GPTModel registers them. Split tensors (model.tp_split_dim) hold 1/TP.
-    (`num_query_groups` and `ffn` are read from the model; kept for callers that pass them.)"""
+    `stages`: layers per stage (model.stage_layers; default even). (`num_query_groups` and `ffn`
+    are read from the model; kept for callers that pass them.)"""
     from llama_plugin.model import tp_split_dim
 
     layer, top = _layer_and_top_parameters(model)
     local = lambda name, n: n // tensor if tp_split_dim(name) is not None else n
-    per_stage = model.num_layers // pipeline
+    stages = stages or [model.num_layers // pipeline] * pipeline
     first, last = stage == 0, stage == pipeline - 1
     params = []
     if first:
         params += [Param(n, local(n, k)) for n, k in top.items() if n.startswith("embedding.")]
-    for i in range(stage * per_stage, (stage + 1) * per_stage):
+    for i in range(sum(stages[:stage]), sum(stages[:stage + 1])):
         params += [Param(f"decoder.layers.{i}.{n}", local(n, k)) for n, k in layer]
     if last:
         params += [Param(n, k) for n, k in top.items() if n.startswith("decoder.final_layernorm.")]
