@@ -65,9 +65,6 @@ def resolve(cfg, world_size: int, have_te: bool | None = None, have_cuda: bool |
         raise RecipeError(
             f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size * data-parallel "
             f"size = {t.micro_batch_size} * {p.data}")
-    if cfg.optimizer.name == "adafactor" and p.distributed_optimizer:
-        raise RecipeError("optimizer.name: adafactor needs whole tensors for its parameter RMS; "
-                          "set parallel.distributed_optimizer=false")
     previous = 0
     for i, stage in enumerate(t.batch_ramp):
         if stage.global_batch_size < 1 or stage.global_batch_size % (t.micro_batch_size * p.data):

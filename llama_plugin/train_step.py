@@ -78,11 +78,9 @@ def build_optimizer(model_chunks, *, lr: float, weight_decay: float, betas=(0.9,
     Adafactor takes a documented path around megatron's factory, which builds only Adam and SGD:
     the factory builds everything as for Adam (parameter groups with their weight-decay and lr
     multipliers, the bf16 main parameters, clipping, the scheduler's view of the groups), then each
-    inner torch optimizer is replaced by Adafactor over the same groups, before any step.
+    inner torch optimizer is replaced by Adafactor over the same groups, before any step. Under the
+    distributed optimizer those are data-parallel shards, and Adafactor is told whose.
     """
-    if adafactor is not None and use_distributed_optimizer:
-        raise ValueError("optimizer.name=adafactor: not with parallel.distributed_optimizer=true (Adafactor's "
-                         "parameter RMS needs whole tensors; the distributed optimizer shards them)")
     cfg = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -100,14 +98,20 @@ def build_optimizer(model_chunks, *, lr: float, weight_decay: float, betas=(0.9,
     )
     optimizer = get_megatron_optimizer(cfg, model_chunks)
     if adafactor is not None:
-        from llama_plugin.optim.adafactor import Adafactor
+        from llama_plugin.optim.adafactor import Adafactor, attach_to_distributed_optimizer
 
         for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
             if getattr(opt, "optimizer", None) is not None:
                 # megatron's keys (params, lr/wd multipliers...) stay; Adam's own settings go.
                 groups = [{k: v for k, v in g.items() if k not in opt.optimizer.defaults or k in ("params", "lr", "weight_decay")}
                           for g in opt.optimizer.param_groups]
-                opt.optimizer = Adafactor(groups, lr=lr, weight_decay=weight_decay, **adafactor)
+                # As megatron's DistributedOptimizer does with its shard parameters (views, which
+                # torch's add_param_group refuses): the groups are set, not added.
+                opt.optimizer = Adafactor([torch.nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=weight_decay,
+                                          **adafactor)
+                opt.optimizer.param_groups = [{**opt.optimizer.defaults, **g} for g in groups]
+                if use_distributed_optimizer:  # its parameters are shards: whole-matrix RMS over the DP group
+                    attach_to_distributed_optimizer(opt, model_chunks)
     for c in model_chunks:
         c.config.grad_scale_func = optimizer.scale_loss
     return optimizer

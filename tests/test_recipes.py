@@ -134,7 +134,6 @@ BAD = [  # (overrides, world size, the field the message must name)
     (["model.z_loss=-1e-4"], 2, "model.z_loss"),
     (["optimizer.name=lion"], 2, "optimizer.name"),
     (["optimizer.warmup_style=cosine"], 2, "optimizer.warmup_style"),
-    (["optimizer.name=adafactor", "parallel=cpu_single", "parallel.distributed_optimizer=true"], 2, "optimizer.name"),
     (["train.batch_ramp=[{global_batch_size:6,until_step:10}]"], 2, "train.batch_ramp[0].global_batch_size"),
     (["train.batch_ramp=[{global_batch_size:8,until_step:20},{global_batch_size:12,until_step:10}]"], 2,
      "train.batch_ramp[1].until_step"),

@@ -317,8 +317,10 @@ CASES = {"gpt3": GPT3_TINY, "palm": PALM_TINY, "lamda": LAMDA_TINY, "sliding_win
 # matrix) and lr^2 weight decay, at an lr that moves weights of std 0.02 within 6 steps; the
 # others with AdamW.
 OPTIMIZERS = {"palm": dict(weight_decay_lr_power=2.0, lr=0.2)}
-# Multi-query without sequence parallelism too: its input-gradient sum is then an all-reduce.
-EXTRA_LAYOUTS = {"palm": {"tp2": {"tp": 2}}}
+# Multi-query without sequence parallelism too: its input-gradient sum is then an all-reduce. Adafactor
+# over the distributed optimizer's shards (small buckets, so parameters straddle the two ranks' shards).
+EXTRA_LAYOUTS = {"palm": {"tp2": {"tp": 2}, "dp2_distributed_optimizer": {"distributed_optimizer": True,
+                                                                         "bucket_size": 1000}}}
 
 
 def test_new_layer_types_train_alike_in_every_layout(tmp_path):

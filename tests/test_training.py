@@ -119,6 +119,13 @@ def test_palm_540b_recipe_schedule_and_batch_ramp():
         if s in checks:  # PaLM's rsqrt schedule as T5X counts steps (from 0): 1 / sqrt(max(s, 10^4))
             assert opt.param_groups[0]["lr"] == pytest.approx(max(s, 10000) ** -0.5, rel=1e-12), s
         scheduler.step(increment=1)
+    from llama_plugin.layout import resolve
+    from llama_plugin.plan.__main__ import plan_recipe
+
+    resolved, notes = resolve(cfg, 2048, have_te=True, have_cuda=True)
+    p = resolved.parallel
+    assert (p.tensor, p.pipeline, p.data, p.first_stage_layers, p.last_stage_layers) == (8, 8, 32, 14, 14)
+    assert plan_recipe(resolved)["memory"]["fits"]  # 118 layers = 14 + 6 x 15 + 14, Adafactor over shards
     ramp = from_recipe(t, data_parallel_size=128)
     sizes = [ramp.global_batch(b) for b in range(t.steps)]  # batch b is step b + 1
     assert sizes[:50000] == [512] * 50000 and sizes[50000:115000] == [1024] * 65000
@@ -131,7 +138,10 @@ def test_palm_540b_recipe_schedule_and_batch_ramp():
 
 
 # PaLM's pieces through the training loop (recipes/tiny_palm_cpu.yaml), short: the batch grows 4 -> 8 -> 16.
+# Data parallel with the distributed optimizer (Adafactor over shards, its state saved per shard);
+# tests/test_seed_architectures.py covers the layers under TP=2 + SP and PP=2.
 PALM_SHORT = ["tiny_palm_cpu", "model.num_layers=2", "train.steps=9", "optimizer.warmup_steps=3",
+              "parallel=cpu_single", "parallel.distributed_optimizer=true", "train.micro_batch_size=2",
               "train.batch_ramp=[{global_batch_size:4,until_step:3},{global_batch_size:8,until_step:6}]",
               "train.eval_interval=100", "train.eval_batches=0", "train.save_interval=3",
               "logging.progress_bar=false", "logging.wandb_mode=disabled", "logging.log_interval=1"]

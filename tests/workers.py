@@ -249,10 +249,13 @@ def train_global_layouts(result_path: str, cases: dict, steps: int = 6) -> None:
                                         perform_initialization=False)
             net = build_gpt_model(model_cfg, config)
             load_global_into(net, global_tensor, gated=ACTIVATIONS[model_cfg.activation][1])
-            chunks = wrap_ddp([net], config)
+            distributed = layout.get("distributed_optimizer", False)
+            chunks = wrap_ddp([net], config, use_distributed_optimizer=distributed, overlap_grad_reduce=distributed,
+                              bucket_size=layout.get("bucket_size"))
             settings = dict(adafactor or {})
             lr = settings.pop("lr", 3e-3)
             optimizer = build_optimizer(chunks, lr=lr, weight_decay=0.1, clip_grad=1.0, params_dtype=torch.float32,
+                                        use_distributed_optimizer=distributed,
                                         adafactor=settings if adafactor is not None else None)
             dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
             losses, grad_norms = [], []
