@@ -8,9 +8,11 @@
 Prints one JSON line with every figure:
   parity      fp32 and bf16 logits of our model against Hugging Face's LlamaForCausalLM on the same
               device (a tiny model, and one 7B-shaped layer: hidden 4096, ffn 11008, 32 heads), and
+              against MistralForCausalLM (the tiny model with a 16-key window over 64 tokens), and
               greedy ids of both (full recompute each step, no KV cache on either side)
   te_checkpoints  where TransformerEngine imports: a converted checkpoint in TE's modules against
-              HF's logits, and the TE model's own checkpoint back to the HF tensors bit for bit
+              HF's logits (LLaMA, and Mistral's window in TE's fused attention), and the TE model's
+              own checkpoint back to the HF tensors bit for bit
   train       a 1-GPU bf16 run of `tiny_cpu` (50 steps): the loss falls; a second run killed with
               SIGKILL after its step-20 checkpoint and resumed: are its losses bitwise the first's?
   throughput  step time, tokens/s/GPU, TFLOP/s, MFU of 7B-shaped layers (seq 2048) with the largest
@@ -73,9 +75,18 @@ def _hf_greedy(hf_model, prompt: list[int], new_tokens: int, device) -> list[int
     return ids[len(prompt):]
 
 
-def parity_case(name: str, shape: dict, precision: str, work: Path, seq: int, new_tokens: int) -> dict:
+def hf_reference_model(shape: dict, seq: int, sliding_window: int | None):
+    """An untrained HF LlamaForCausalLM, or MistralForCausalLM with a sliding window."""
     import transformers
 
+    common = dict(**shape, max_position_embeddings=seq, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if sliding_window is None:
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=sliding_window))
+
+
+def parity_case(name: str, shape: dict, precision: str, work: Path, seq: int, new_tokens: int,
+                sliding_window: int | None = None) -> dict:
     from llama_plugin.convert import hf_to_mcore
     from llama_plugin.generate import generate_ids, last_stage_logits, load_for_inference
 
@@ -84,8 +95,7 @@ def parity_case(name: str, shape: dict, precision: str, work: Path, seq: int, ne
     case_dir = work / f"parity_{name}_{precision}"
     shutil.rmtree(case_dir, ignore_errors=True)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**shape, max_position_embeddings=seq, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    hf_model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    hf_model = hf_reference_model(shape, seq, sliding_window).to(dtype).eval()
     hf_model.save_pretrained(case_dir / "hf")
     hf_to_mcore(case_dir / "hf", case_dir / "mcore")
     hf_model = hf_model.to(device)
@@ -111,16 +121,17 @@ def parity_case(name: str, shape: dict, precision: str, work: Path, seq: int, ne
 
 
 def parity(work: Path, smoke: bool) -> list[dict]:
-    cases = [("tiny", TINY, 64), ("llama_7b_layer", LAYER_7B_SMOKE if smoke else LAYER_7B, 64 if smoke else 512)]
-    return [parity_case(name, shape, precision, work, seq, 8 if smoke else 16)
-            for name, shape, seq in cases for precision in ("fp32", "bf16")]
+    # The Mistral case: a 16-key window over 64 tokens, against MistralForCausalLM.
+    cases = [("tiny", TINY, 64, None), ("llama_7b_layer", LAYER_7B_SMOKE if smoke else LAYER_7B, 64 if smoke else 512, None),
+             ("tiny_sliding_window", TINY, 64, 16)]
+    return [parity_case(name, shape, precision, work, seq, 8 if smoke else 16, window)
+            for name, shape, seq, window in cases for precision in ("fp32", "bf16")]
 
 
 def te_checkpoints(work: Path) -> list[dict]:
     """Where TransformerEngine imports: a converted checkpoint (local module names, no TE
     `_extra_state`) loads into TE's modules and gives Hugging Face's logits, and the TE model's own
     checkpoint converts back to the original HF tensors bit for bit."""
-    import transformers
     from safetensors.torch import load_file
 
     from llama_plugin import checkpoint
@@ -131,13 +142,14 @@ def te_checkpoints(work: Path) -> list[dict]:
 
     device = torch.device("cuda", torch.cuda.current_device())
     out = []
-    for precision in ("fp32", "bf16"):
+    # TE's attention takes megatron's window_size into its fused kernels (no s x s mask): the sliding
+    # window case checks that path against MistralForCausalLM.
+    for precision, window in (("fp32", None), ("bf16", None), ("fp32", 16), ("bf16", 16)):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-        case_dir = work / f"te_{precision}"
+        case_dir = work / f"te_{precision}_{window}"
         shutil.rmtree(case_dir, ignore_errors=True)
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(**TINY, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
-        hf_model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+        hf_model = hf_reference_model(TINY, 64, window).to(dtype).eval()
         hf_model.save_pretrained(case_dir / "hf")
         hf_to_mcore(case_dir / "hf", case_dir / "mcore")
         model_cfg, _ = checkpoint.read_model_record(case_dir / "mcore")
@@ -155,7 +167,8 @@ def te_checkpoints(work: Path) -> list[dict]:
         a, b = load_file(case_dir / "hf" / "model.safetensors"), load_file(case_dir / "hf_back" / "model.safetensors")
         bitwise = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         diff = (ours - theirs).abs().max().item()
-        out.append({"precision": precision, "te_logits_max_abs_diff": diff, "tolerance": LOGIT_TOL[precision],
+        out.append({"precision": precision, "sliding_window": window, "te_logits_max_abs_diff": diff,
+                    "tolerance": LOGIT_TOL[precision],
                     "te_checkpoint_to_hf_bitwise": bitwise, "ok": bitwise and diff <= LOGIT_TOL[precision]})
         del model, hf_model
         shutil.rmtree(case_dir, ignore_errors=True)
