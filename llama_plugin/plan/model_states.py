@@ -11,6 +11,7 @@ are bf16; the distributed optimizer updates only this rank's 1/DP slice of every
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,14 +28,30 @@ class Param:
 def _layer_and_top_parameters(model) -> tuple[list[tuple[str, int]], dict[str, int]]:
     """Names and full (TP=1) sizes, in megatron-core's registration order, of one decoder layer and
     of the model-level tensors, from a one-layer model built on the meta device: every layer type
-    the model recipe can choose (layers/) is counted as megatron allocates it."""
+    the model recipe can choose (layers/) is counted as megatron allocates it. Cached per shape (a
+    layout search asks for thousands of layouts of one model)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    shape = OmegaConf.to_container(model, resolve=True) if OmegaConf.is_config(model) else dict(model)
+    return _meta_parameters(json.dumps({k: v for k, v in shape.items() if k != "num_layers"}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_parameters(shape_json: str):
+    import json
+
     import torch
     from omegaconf import OmegaConf
 
     from llama_plugin.distributed import init_distributed
     from llama_plugin.model import build_gpt_model, transformer_config
+    from recipes import validate
+    from recipes.schema import ModelConfig
 
-    one = OmegaConf.merge(model, {"num_layers": 1, "share_embeddings_and_output_weights": False})
+    shape = dict(json.loads(shape_json), num_layers=1, share_embeddings_and_output_weights=False)
+    one = validate(OmegaConf.create(shape), ModelConfig)
     init_distributed(1, 1)
     config = transformer_config(one, use_cpu_initialization=True, perform_initialization=False)
     with torch.device("meta"):
