@@ -99,7 +99,7 @@ def hf_config_from_model(model_cfg, dtype: torch.dtype, base: dict | None = None
     from llama_plugin.model import ffn_hidden_size, num_query_groups
 
     llama = dict(normalization="RMSNorm", activation="swiglu", position_embedding="rope", bias=False,
-                 head_dim=None, parallel_layers=False, kv_projection="fused", z_loss=0.0)
+                 head_dim=None, parallel_layers=False, kv_projection="fused", full_attention_every=None)
     for key, want in llama.items():
         if model_cfg[key] != want:
             raise HFFolderError(f"model.{key}={model_cfg[key]!r}: only LLaMA-shaped models (and Mistral's "

@@ -360,7 +360,8 @@ def test_only_llama_shaped_models_become_hf_folders():
     from llama_plugin.hf import HFFolderError, hf_config_from_model
 
     for shape, field in ((GPT3_TINY, "model.normalization"), (PALM_TINY, "model.normalization"),
-                         (LAMDA_TINY, "model.activation")):
+                         (LAMDA_TINY, "model.activation"), (SLIDING_TINY, "model.full_attention_every")):
         with pytest.raises(HFFolderError, match=field):
             hf_config_from_model(model_cfg(shape), torch.float32)
-    assert hf_config_from_model(model_cfg(SLIDING_TINY), torch.float32)["model_type"] == "mistral"
+    mistral = model_cfg(dict(SLIDING_TINY, full_attention_every=None, z_loss=1e-4))  # z-loss is training only
+    assert hf_config_from_model(mistral, torch.float32)["model_type"] == "mistral"
