@@ -17,6 +17,7 @@ LLaMA uses no attention dropout and no bias; those settings are refused, not ign
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,6 +32,15 @@ from llama_plugin.layers.relative_bias import RelativePositionBias
 
 
 RELATIVE_TABLE = "relative_bias.table.relative_attention_bias.weight"
+
+
+@functools.lru_cache(maxsize=8)
+def _band(sq: int, sk: int, window: int, device) -> torch.Tensor:
+    """[sq, sk] True where the last sq of sk positions (sq = 1 when decoding) see a key: the `window`
+    keys up to themselves. Built once per shape, shared by every layer."""
+    q_pos = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+    k_pos = torch.arange(sk, device=device).unsqueeze(0)
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
 class SDPAttention(MegatronModule):
@@ -82,11 +92,7 @@ class SDPAttention(MegatronModule):
             raise ValueError(f"SDPAttention: causal attention needs as many keys as queries ({key.shape[0]} != {sq})")
         mask = None if attention_mask is None else ~attention_mask
         if self.window is not None and mask_type == AttnMaskType.causal and key.shape[0] > self.window:
-            # The last sq of sk positions (sq = 1 when decoding) each see `window` keys up to themselves.
-            sk = key.shape[0]
-            q_pos = torch.arange(sk - sq, sk, device=query.device).unsqueeze(1)
-            k_pos = torch.arange(sk, device=query.device).unsqueeze(0)
-            band = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+            band = _band(sq, key.shape[0], self.window, query.device)
             mask, causal = band if mask is None else mask & band, False
         if self.relative_bias is not None:
             sk = key.shape[0]

@@ -11,6 +11,8 @@ heads themselves, so its gradient needs no reduction.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.relative_pos_embedding import RelativePositionEmbedding
@@ -40,10 +42,17 @@ class RelativePositionBias(torch.nn.Module):
 
     def forward(self, sq: int, sk: int, device) -> torch.Tensor:
         """[heads, sq, sk]: the bias of the last sq of sk positions (sq < sk when decoding)."""
-        q_pos = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
-        k_pos = torch.arange(sk, device=device).unsqueeze(0)
         t = self.table
-        buckets = t._relative_position_bucket(k_pos - q_pos, bidirectional=False,
-                                              num_buckets=t.relative_attention_num_buckets,
-                                              max_distance=t.relative_attention_max_distance)
+        buckets = _buckets(sq, sk, t.relative_attention_num_buckets, t.relative_attention_max_distance,
+                           torch.device(device))
         return t.relative_attention_bias(buckets).permute(2, 0, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _buckets(sq: int, sk: int, num_buckets: int, max_distance: int, device) -> torch.Tensor:
+    """Bucket ids [sq, sk], computed once per shape and shared by every layer (megatron's bucketing
+    reads nothing from its instance)."""
+    q_pos = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+    k_pos = torch.arange(sk, device=device).unsqueeze(0)
+    return RelativePositionEmbedding._relative_position_bucket(
+        None, k_pos - q_pos, bidirectional=False, num_buckets=num_buckets, max_distance=max_distance)
