@@ -83,7 +83,8 @@ def save_checkpoint(model_chunks, out_dir, model_cfg, dtype: torch.dtype, optimi
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"] if len(model_chunks) == 1 else state, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(tmp))
-    record = {"model": OmegaConf.to_container(model_cfg), "params_dtype": dtype_name(dtype)}
+    # "manifest": this checkpoint has one (stability/manifest.py refuses it if manifest.json is gone).
+    record = {"model": OmegaConf.to_container(model_cfg), "params_dtype": dtype_name(dtype), "manifest": True}
     if rank == 0:
         files = {MODEL_FILE: json.dumps(record, indent=2) + "\n", **(extra_files or {})}
         if train_state is not None:
@@ -243,3 +244,9 @@ def prune_checkpoints(ckpt_root, keep: int, rollback_steps: int | None = None) -
             shutil.rmtree(d, ignore_errors=True)
     for d in Path(ckpt_root).glob("step_*.tmp"):
         shutil.rmtree(d, ignore_errors=True)
+    # Set aside by a rollback (stability/rollback.py): no longer needed once the kept trajectory
+    # has a checkpoint at or past their step.
+    for d in Path(ckpt_root).glob("step_*.abandoned-*"):
+        step = d.name.removeprefix("step_").split(".")[0]
+        if complete and step.isdigit() and int(step) <= complete[-1][0]:
+            shutil.rmtree(d, ignore_errors=True)

@@ -297,4 +297,19 @@ def build_gpt_model(model, config: TransformerConfig, vp_stage: int | None = Non
                 continue
             dim = tp_split_dim(name)
             set_tensor_model_parallel_attributes(param, dim is not None, dim if dim is not None else -1, 1)
+    place_on_device(model, config)
     return model
+
+
+def place_on_device(model: torch.nn.Module, config: TransformerConfig) -> None:
+    """Every weight on this rank's device and in the run's precision, as Megatron-LM's `get_model`
+    does (`model.cuda()`, then `Float16Module` casts the whole module): megatron-core builds its own
+    layers there, but the plain torch modules it uses (GPT-3's learned position embedding, an
+    `nn.Embedding`; T5's relative-bias table) start on the CPU in fp32."""
+    target = None if config.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
+    for param in model.parameters():
+        if param.is_meta:
+            continue
+        dtype = config.params_dtype if param.is_floating_point() else param.dtype
+        if param.dtype != dtype or (target is not None and param.device != target):
+            param.data = param.data.to(device=target or param.device, dtype=dtype)

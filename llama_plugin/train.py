@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,13 +41,15 @@ from llama_plugin.distributed import device, init_distributed, shutdown
 from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.optim import batch_ramp
 from llama_plugin.metrics_log import MetricsLog, format_line
-from llama_plugin.run_files import (EXIT_SDC, FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest,
-                                     redact_secrets, write_requeue_request)
+from llama_plugin.run_files import (EXIT_REQUEUE, EXIT_SDC, FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest,
+                                     node_name, redact_secrets, write_requeue_request)
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
 from llama_plugin.stability import manifest
 from llama_plugin.stability.faults import FaultInjector, any_enabled
 from llama_plugin.stability.goodput import Goodput
 from llama_plugin.stability.ledger import LEDGER_FILE, LedgerError, SkipLedger
+from llama_plugin.stability.rollback import RollbackBudget, StabilityError, set_aside_abandoned
+from llama_plugin.stability.rollback import plan as rollback_plan
 from llama_plugin.stability.sdc import recompute_check
 from llama_plugin.stability.spikes import SpikeDetector
 from llama_plugin.stability.stragglers import StragglerMonitor
@@ -187,8 +188,9 @@ def run(cfg, notes: list[str]) -> dict:
     model, chunks, optimizer = build_model_and_optimizer(cfg)
     scheduler = build_scheduler(optimizer, o, t.steps)
     detector = SpikeDetector.from_config(s)
-    events = {"spikes": 0, "rollbacks": 0, "skipped_steps": 0}
+    events = {"spikes": 0, "rollbacks": 0, "skipped_steps": 0, "sdc_probes": 0}
     goodput = Goodput()
+    budget = RollbackBudget(s.max_rollbacks)
 
     # Resume from the newest verified checkpoint, else start from train.load, else from scratch.
     start_step, load_time = 0, 0.0
@@ -201,6 +203,7 @@ def run(cfg, notes: list[str]) -> dict:
         detector.load_state_dict(state.get("spike_detector"))
         events.update(state.get("stability", {}))
         goodput = Goodput(state.get("goodput"))
+        budget = RollbackBudget(s.max_rollbacks, state.get("rollback_budget"))
         notes.append(f"resumed from {resume_dir} (step {start_step})")
     elif t.load:
         reason = manifest.verify(Path(t.load))
@@ -228,6 +231,15 @@ def run(cfg, notes: list[str]) -> dict:
     # Built s.data_reserve_batches global batches longer than the run: batches the skip ledger
     # jumps over are replaced from there.
     ledger = SkipLedger(run_dir / LEDGER_FILE, s.data_reserve_batches)
+
+    def consumed_samples(steps: int) -> int:
+        """Samples read by the first `steps` steps (the end of step steps-1's global batch)."""
+        return ramp.first_sample(ledger.batch_index(steps - 1) + 1) if steps else 0
+
+    if resume_dir is not None and state.get("consumed_samples", consumed_samples(start_step)) != consumed_samples(start_step):
+        raise LedgerError(f"{ledger.path}: with it, the {start_step} steps of {resume_dir} read "
+                          f"{consumed_samples(start_step)} samples, but the checkpoint says {state['consumed_samples']}: "
+                          f"the run directory lost (or gained) its skip ledger; restore it, or start a new train.run_dir")
     train_ds, valid_ds, source_names = build_datasets(
         cfg.data, seq, t.seed, ramp.first_sample(t.steps + s.data_reserve_batches), max(valid_samples, 1),
         cfg.data.cache_dir or str(run_dir / "data_cache"))
@@ -267,9 +279,9 @@ def run(cfg, notes: list[str]) -> dict:
             # so the checkpoint holds the updated weights.
             for c in chunks:
                 c.disable_forward_pre_hook(param_sync=True)
-        state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": ramp.first_sample(ledger.batch_index(step)),
+        state = {"step": step, "scheduler": scheduler.state_dict(), "consumed_samples": consumed_samples(step),
                  "resume_fields": resume_fields(cfg), "spike_detector": detector.state_dict(),
-                 "stability": dict(events), "goodput": goodput.state_dict()}
+                 "stability": dict(events), "goodput": goodput.state_dict(), "rollback_budget": budget.state_dict()}
         checkpoint.save_checkpoint(chunks, ckpt_root / checkpoint.step_dir_name(step), cfg.model, dtype,
                                    optimizer=optimizer, train_state=state)
         if p.overlap_param_gather:
@@ -283,35 +295,56 @@ def run(cfg, notes: list[str]) -> dict:
         goodput.add("checkpoint_save", time.perf_counter() - t0)
 
     def rollback(at_step: int, reason: str) -> int:
-        """PaLM's protocol: back to the newest verified checkpoint >= rollback_steps before
-        `at_step`, and skip the next skip_batches global batches. Returns the step resumed at."""
-        target_step, target = rollback_target(ckpt_root, at_step - s.rollback_steps, at_step, notes)
+        """PaLM's protocol (stability/rollback.py): back to a verified checkpoint at least
+        rollback_steps before `at_step`, the data from there on skipped through the spike plus
+        skip_batches. The ledger entry is on disk before any checkpoint is set aside. Returns the
+        step resumed at."""
+        plan = rollback_plan(ckpt_root, at_step, s.rollback_steps, s.skip_batches)
         t0 = time.perf_counter()
+        skipped = ledger.add(plan.skip_from_step, plan.skip, write=rank == 0, reason=reason, detected_at_step=at_step,
+                             checkpoint=plan.target.name)
         dist.barrier()
         if rank == 0:  # checkpoints of the abandoned steps must never be resumed from
-            for step_k, d in checkpoint.complete_checkpoints(ckpt_root):
-                if step_k > target_step:
-                    shutil.rmtree(d)
+            set_aside_abandoned(ckpt_root, plan.target_step)
         dist.barrier()
-        state = checkpoint.load_checkpoint(chunks, target, optimizer)
+        state = checkpoint.load_checkpoint(chunks, plan.target, optimizer)
         scheduler.num_steps = 0  # its load_state_dict adds the saved count to the current one
         scheduler.load_state_dict(state["scheduler"])
         detector.load_state_dict(state.get("spike_detector"))
         for c in chunks:
             c.broadcast_params()
         goodput.add("checkpoint_load", time.perf_counter() - t0)
-        goodput.rolled_back(target_step)
-        skipped = ledger.add(target_step, s.skip_batches, write=rank == 0, reason=reason, detected_at_step=at_step,
-                             checkpoint=target.name)
+        goodput.rolled_back(plan.target_step)
         events["rollbacks"] += 1
+        budget.spend(at_step)
         if rank == 0:
-            print(f"[stability] step {at_step}: {reason}; rolled back to {target.name}, skipping global batches "
-                  f"{ledger.batch_index(target_step) - skipped}..{ledger.batch_index(target_step) - 1} "
-                  f"({skipped} of stability.skip_batches={s.skip_batches}; ledger {ledger.path})", flush=True)
-            if skipped < s.skip_batches:
+            first = ledger.batch_index(plan.skip_from_step) - skipped
+            print(f"[stability] step {at_step}: {reason}; rolled back to {plan.target.name}, skipping global batches "
+                  f"{first}..{first + skipped - 1} from step {plan.skip_from_step} on ({skipped}: through the spike's "
+                  f"plus stability.skip_batches={s.skip_batches}; ledger {ledger.path})", flush=True)
+            if skipped < plan.skip:
                 print(f"[stability] warning: the data reserve is used up (stability.data_reserve_batches="
-                      f"{s.data_reserve_batches}); skipped {skipped}", flush=True)
-        return target_step
+                      f"{s.data_reserve_batches}); skipped {skipped} of {plan.skip}", flush=True)
+        return plan.target_step
+
+    def escalate_nonfinite(at_step: int, suspects: list[int]) -> int:
+        """Rollbacks did not help: exit for a requeue without the node(s) of the ranks that
+        produced the non-finite values, or fail when every rank did (nothing to exclude)."""
+        hosts = [None] * world
+        dist.all_gather_object(hosts, node_name())
+        named = sorted({hosts[r] for r in suspects})
+        what = (f"after {budget.futile} rollback(s) in a row, {s.max_consecutive_skips} non-finite steps again at step "
+                f"{at_step} (stability.max_rollbacks={s.max_rollbacks})")
+        if not suspects or len(suspects) == world:
+            raise StabilityError(f"{what}, on every rank: not a faulty device that a requeue could leave out "
+                                 f"(look at the data and the learning rate; skipped_batches.json)")
+        if rank == 0:
+            ranks = ", ".join(f"rank {r} on {hosts[r]}" for r in suspects)
+            print(f"[stability] {what}; produced by {ranks}; exiting ({EXIT_REQUEUE}) for a requeue without "
+                  f"{', '.join(named)}", file=sys.stderr, flush=True)
+            write_requeue_request(run_dir, {"reason": "nonfinite", "step": at_step, "ranks": suspects,
+                                            "hosts": named, "exclude_hosts": named})
+        return EXIT_REQUEUE
 
     def count_sources(steps: int):
         total = np.zeros(len(source_names), dtype=np.int64)
@@ -355,25 +388,32 @@ def run(cfg, notes: list[str]) -> dict:
                                 ramp.num_microbatches(batch), t.micro_batch_size)
         if s.sdc_check_interval and (step + 1) % s.sdc_check_interval == 0:
             bad = recompute_check(chunks, batches[0])
+            events["sdc_probes"] += 1
             goodput.add("sdc_checks", time.perf_counter() - t0)
             if bad:
                 exit_code = report_sdc(run_dir, bad, step + 1, rank)
                 save(step, prune=False)
                 break
             t0 = time.perf_counter()
-        arrived = [0.0]
+        arrived, report = [0.0], {}
 
-        def after_backward():
+        def before_grad_sync():
+            # This rank's compute is done; what follows waits for the slowest data-parallel peer.
             if faults:
-                faults.after_backward(step + 1)
+                faults.before_grad_sync(step + 1)
             arrived[0] = time.perf_counter() - t0
 
-        loss, grad_norm, ok = train_step(chunks, optimizer, batches, after_backward=after_backward)
+        loss, grad_norm, ok = train_step(chunks, optimizer, batches, before_grad_sync=before_grad_sync,
+                                         after_backward=(lambda: faults.after_backward(step + 1)) if faults else None,
+                                         report=report)
         if faults:
             loss = faults.observed_loss(step + 1, loss)
         lr = optimizer.param_groups[0]["lr"]
         if ok:
             scheduler.step(increment=1)  # the schedule counts applied updates
+            budget.progress(step + 1)
+        else:
+            suspects = report.get("nonfinite_ranks", [])
         slow, slowest = stragglers.check(arrived[0])
         step_time = time.perf_counter() - t0
         if rank == 0:
@@ -387,9 +427,12 @@ def run(cfg, notes: list[str]) -> dict:
         if not ok:
             events["skipped_steps"] += 1
             if rank == 0:
-                print(f"[stability] step {step}: a non-finite loss or grad norm on some rank (here: loss {loss}, "
-                      f"grad norm {grad_norm}); update skipped on every rank ({consecutive_skips} in a row)", flush=True)
-        spike = detector.check(step, loss) if ok else None
+                print(f"[stability] step {step}: a non-finite loss or grad norm (ranks {suspects} produced non-finite "
+                      f"values; here: loss {loss}, grad norm {grad_norm}); update skipped on every rank "
+                      f"({consecutive_skips} in a row)", flush=True)
+        # Every rank takes the same decision (the losses agree, but one rank's verdict must not
+        # leave the others in a collective): one flag, all-reduced.
+        spike = agreed(detector.check(step, loss) if ok else None, "a loss spike seen by another rank")
         if spike:
             events["spikes"] += 1
         if rank == 0 and slow:
@@ -430,6 +473,17 @@ def run(cfg, notes: list[str]) -> dict:
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
+        if (spike or consecutive_skips >= s.max_consecutive_skips) and budget.exhausted():
+            if not spike:
+                exit_code = escalate_nonfinite(step, suspects)
+                break
+            detector.load_state_dict(None)
+            budget.progress(budget.first_at + 1)
+            if rank == 0:
+                print(f"[stability] step {step}: {spike}, after {s.max_rollbacks} rollback(s) in a row "
+                      f"(stability.max_rollbacks): a lasting change of the loss, accepted; the spike window starts afresh",
+                      flush=True)
+            spike = None
         if spike or consecutive_skips >= s.max_consecutive_skips:
             step = rollback(step, spike or f"{consecutive_skips} non-finite steps in a row")
             metrics.rolled_back(step)
@@ -469,6 +523,13 @@ def run(cfg, notes: list[str]) -> dict:
     return summary
 
 
+def agreed(reason: str | None, elsewhere: str) -> str | None:
+    """Collective: `reason` if this rank has one, `elsewhere` if only another rank does, else None."""
+    flag = torch.tensor([1.0 if reason else 0.0], device=device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return reason or (elsewhere if flag.item() else None)
+
+
 def report_sdc(run_dir: Path, bad: list[tuple[int, str]], step: int, rank: int) -> int:
     """Name the ranks whose recomputation differed; ask for a requeue without their node.
 
@@ -489,24 +550,6 @@ def report_sdc(run_dir: Path, bad: list[tuple[int, str]], step: int, rank: int) 
         write_requeue_request(run_dir, {"reason": "sdc", "step": step, "ranks": [r for r, _ in bad], "hosts": hosts,
                                         "exclude_hosts": exclude})
     return EXIT_SDC
-
-
-def rollback_target(ckpt_root: Path, limit: int, at_step: int, notes: list[str]) -> tuple[int, Path]:
-    """Collective: the newest verified checkpoint at or before step `limit`; if there is none, the
-    oldest verified one before `at_step`, with a warning."""
-    candidates = [(k, d) for k, d in checkpoint.complete_checkpoints(ckpt_root) if k < at_step]
-    ordered = [c for c in reversed(candidates) if c[0] <= limit] + [c for c in candidates if c[0] > limit]
-    for k, d in ordered:
-        if manifest.verify(d) is None:
-            if k > limit and dist.get_rank() == 0:
-                print(f"[stability] warning: no verified checkpoint at or before step {limit}; rolling back to "
-                      f"{d.name}", flush=True)
-            return k, d
-    raise StabilityError(f"step {at_step}: no verified checkpoint before it to roll back to (stability.rollback_steps)")
-
-
-class StabilityError(RuntimeError):
-    """The run cannot recover by itself (no checkpoint to roll back to)."""
 
 
 def logged_time_after(jsonl: Path, step: int, log_interval: int) -> float:

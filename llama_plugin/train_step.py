@@ -147,26 +147,42 @@ def _run_schedule(model_chunks, micro_batches: list[Batch], forward_only: bool) 
     )
 
 
-def train_step(model_chunks, optimizer, micro_batches: list[Batch], after_backward=None) -> tuple[float, float, bool]:
+def train_step(model_chunks, optimizer, micro_batches: list[Batch], after_backward=None, before_grad_sync=None,
+               report: dict | None = None) -> tuple[float, float, bool]:
     """(loss, grad_norm, stepped) of one optimizer step over this rank's micro-batches.
 
     The loss is the token-weighted mean over the micro-batches of all data-parallel ranks; every
     rank returns the same value. megatron's bf16 and fp32 optimizers would apply a NaN gradient
     (only fp16's loss scaler looks for one), so the step is taken apart here: the grad norm is
     computed as megatron's step does, every rank says whether its loss and norm are finite, and
-    only if all are is the update applied. `after_backward` (fault injection) runs once the
-    gradients are reduced.
+    only if all are is the update applied. `before_grad_sync` runs when this rank's forward and
+    backward are done, before it waits for the data-parallel gradient reduction (the straggler
+    monitor's clock); `after_backward` (fault injection) once the gradients are reduced. A skipped
+    step puts the ranks whose own loss or gradients are non-finite into `report["nonfinite_ranks"]`.
     """
     for c in model_chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    stats = _run_schedule(model_chunks, micro_batches, forward_only=False)
+    config = model_chunks[0].config
+    finalize = config.finalize_model_grads_func
+    if before_grad_sync is not None:
+        def finalize_after_hook(*args, **kwargs):
+            before_grad_sync()
+            return finalize(*args, **kwargs)
+
+        config.finalize_model_grads_func = finalize_after_hook
+    try:
+        stats = _run_schedule(model_chunks, micro_batches, forward_only=False)
+    finally:
+        config.finalize_model_grads_func = finalize
     loss = reduce_loss(stats)
     if after_backward is not None:
         after_backward()
     found_inf = optimizer.prepare_grads()
     grad_norm = float(optimizer.get_grad_norm())
     if not all_ranks_finite(loss, grad_norm, found_inf):
+        if report is not None:
+            report["nonfinite_ranks"] = nonfinite_ranks(model_chunks, stats)
         return loss, grad_norm, False
     clip_grads(optimizer, grad_norm)
     return loss, grad_norm, bool(optimizer.step_with_ready_grads())
@@ -179,6 +195,20 @@ def all_ranks_finite(loss: float, grad_norm: float, found_inf: bool = False) -> 
                        device=device())
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0.0
+
+
+def nonfinite_ranks(model_chunks, stats: list[dict]) -> list[int]:
+    """Collective, on a skipped step only: the ranks whose own micro-batch losses or gradient
+    buffers hold a non-finite value. The reduced loss and (with the distributed optimizer) the grad
+    norm are the same on every rank, so they cannot say where a NaN came from; a rank's own
+    forward can. (A NaN made in one rank's backward reaches its data-parallel peers through the
+    gradient reduction: then several ranks are named.)"""
+    bad = any(not torch.isfinite(s["lm_loss"]).all() for s in stats)
+    bad = bad or any(not torch.isfinite(b.grad_data).all() for c in model_chunks for b in c.buffers)
+    flags = torch.zeros(dist.get_world_size(), device=device())
+    flags[dist.get_rank()] = float(bad)
+    dist.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]
 
 
 def clip_grads(optimizer, grad_norm: float) -> None:

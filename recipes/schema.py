@@ -222,11 +222,18 @@ class StabilityConfig:
     spike_warmup_steps: int = 2000
     spike_std_factor: Optional[float] = 6.0
     spike_ratio: Optional[float] = 1.5
-    # On a spike (or after max_consecutive_skips non-finite steps in a row): reload the newest
-    # verified checkpoint at least this many steps before it, and skip the next skip_batches global
-    # batches of data. The skips go to <run_dir>/skipped_batches.json, which every resume honours.
+    # On a spike (or after max_consecutive_skips non-finite steps in a row) at step S: reload the
+    # newest verified checkpoint at or before S - rollback_steps, replay the data up to step
+    # S - rollback_steps, and from there skip the batches through the spike's plus skip_batches
+    # more (PaLM: restart ~100 steps before the spike, skip ~200-500 batches). The skips go to
+    # <run_dir>/skipped_batches.json, which every resume honours.
     rollback_steps: int = 100
     skip_batches: int = 200
+    # Rollbacks in a row that do not get the run past the step that caused the first of them: the
+    # next one is not taken. Non-finite steps then end the run for a requeue without the node of
+    # the ranks that produced them (exit 75, requeue.json), or with an error if every rank did; a
+    # spike is accepted as the new loss level (the spike window starts afresh).
+    max_rollbacks: int = 2
     # Spare global batches the data set is built with, for skips; None: 5% of train.steps. Part of
     # the data order, so fixed for a run.
     data_reserve_batches: Optional[int] = None
@@ -250,15 +257,17 @@ class FaultsConfig:
     loss_spike_at_step: Optional[int] = None  # the step's loss, as the run sees it, times loss_spike_factor
     loss_spike_factor: float = 10.0
     nan_grad_at_step: Optional[int] = None  # a NaN in one gradient element of nan_grad_rank,
-    nan_grad_steps: int = 1  # in this many steps in a row (each once per run)
+    nan_grad_steps: int = 1  # in this many steps run from then on (replays count; more than the run: for good)
     nan_grad_rank: int = 0
     bitflip_from_step: Optional[int] = None  # from this step on, every other output of one linear
     bitflip_rank: int = 0  # layer on this rank has a bit flipped (an intermittently faulty GPU)
     bitflip_node: Optional[str] = None  # only on this node (Slurm's name for it); None: any
     hang_at_step: Optional[int] = None  # hang_rank stops making progress at the start of this step
     hang_rank: int = 0
-    straggler_rank: Optional[int] = None  # sleeps straggler_sleep_s in every step
+    straggler_rank: Optional[int] = None  # computes straggler_sleep_s slower in every step
     straggler_sleep_s: float = 0.5
+    kill_at_step: Optional[int] = None  # kill_rank is killed (SIGKILL) at the start of this step, once
+    kill_rank: int = 0
 
 
 @dataclass

@@ -19,6 +19,7 @@ def check_stability(cfg, world_size: int) -> None:
         ("skip_batches", s.skip_batches >= 0, "must be >= 0"),
         ("data_reserve_batches", s.data_reserve_batches is None or s.data_reserve_batches >= 0, "must be >= 0"),
         ("max_consecutive_skips", s.max_consecutive_skips > 0, "must be > 0"),
+        ("max_rollbacks", s.max_rollbacks >= 0, "must be >= 0"),
         ("sdc_check_interval", s.sdc_check_interval >= 0, "must be >= 0 (0: off)"),
         ("hang_timeout_s", s.hang_timeout_s >= 0, "must be >= 0 (0: off)"),
         ("straggler_factor", s.straggler_factor > 1, "must be > 1"),
@@ -31,10 +32,10 @@ def check_stability(cfg, world_size: int) -> None:
                           "set one, or stability.spike_detection=false")
     s.data_reserve_batches = default_reserve(cfg.train.steps, s.data_reserve_batches)
 
-    for key in ("loss_spike_at_step", "nan_grad_at_step", "bitflip_from_step", "hang_at_step"):
+    for key in ("loss_spike_at_step", "nan_grad_at_step", "bitflip_from_step", "hang_at_step", "kill_at_step"):
         if f[key] is not None and f[key] <= 0:
             raise RecipeError(f"faults.{key}: steps count from 1, got {f[key]}")
-    for key in ("nan_grad_rank", "bitflip_rank", "hang_rank", "straggler_rank"):
+    for key in ("nan_grad_rank", "bitflip_rank", "hang_rank", "straggler_rank", "kill_rank"):
         if f[key] is not None and not 0 <= f[key] < world_size:
             raise RecipeError(f"faults.{key}: {f[key]} is not a rank of this run (world size {world_size})")
     if f.nan_grad_steps < 1:

@@ -5,6 +5,9 @@ them again. The bit flip is a faulty device: on from its step on, on `bitflip_no
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ MAX_FAULT_GPUS = 256
 
 def any_enabled(f) -> bool:
     return any(v is not None for v in (f.loss_spike_at_step, f.nan_grad_at_step, f.bitflip_from_step,
-                                        f.hang_at_step, f.straggler_rank))
+                                        f.hang_at_step, f.straggler_rank, f.kill_at_step))
 
 
 class FaultInjector:
@@ -44,24 +47,41 @@ class FaultInjector:
         return True
 
     def before_step(self, step: int) -> None:
-        """At the start of (1-based) `step`: the hang."""
+        """At the start of (1-based) `step`: the kill (a lost node), the hang."""
         self._step = step
+        if self._once("kill", step, self.f.kill_at_step, self.f.kill_rank):
+            print(f"[faults] rank {self.rank}: killed (SIGKILL) at the start of step {step}", flush=True)
+            for child in multiprocessing.active_children():  # as a lost node: its helpers die too
+                child.kill()
+            os.kill(os.getpid(), signal.SIGKILL)
         if self._once("hang", step, self.f.hang_at_step, self.f.hang_rank):
             print(f"[faults] rank {self.rank}: hanging at step {step}", flush=True)
             while True:  # the watchdog (or the job's time limit) ends this
                 time.sleep(1)
 
-    def after_backward(self, step: int) -> None:
-        """Once the gradients are reduced: a NaN in one element of nan_grad_rank's gradients (in
-        nan_grad_steps steps in a row); the straggler's sleep."""
-        first = self.f.nan_grad_at_step
-        nan_step = step if first is not None and first <= step < first + self.f.nan_grad_steps else None
-        if self._once(f"nan_grad-step{step}", step, nan_step, self.f.nan_grad_rank):
-            buffer = self.chunks[0].buffers[0].grad_data
-            buffer.view(-1)[buffer.numel() // 2] = float("nan")
-            print(f"[faults] rank {self.rank}: NaN in a gradient at step {step}", flush=True)
+    def before_grad_sync(self, step: int) -> None:
+        """This rank's forward and backward are done, the gradient reduction not started: the
+        straggler computes straggler_sleep_s longer (a slow GPU, which its peers then wait for)."""
         if self.f.straggler_rank == self.rank:
             time.sleep(self.f.straggler_sleep_s)
+
+    def after_backward(self, step: int) -> None:
+        """Once the gradients are reduced: a NaN in one element of nan_grad_rank's gradients, in
+        the first nan_grad_steps steps run from nan_grad_at_step on (replays after a rollback
+        count: a count longer than the run is a device that stays broken). The count survives a
+        restart (a marker in incidents/)."""
+        first = self.f.nan_grad_at_step
+        if first is None or step < first or self.rank != self.f.nan_grad_rank:
+            return
+        marker = self.markers / f"fault-nan_grad-rank{self.rank}.count"
+        fired = int(marker.read_text()) if marker.exists() else 0
+        if fired >= self.f.nan_grad_steps:
+            return
+        self.markers.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{fired + 1}\n")
+        buffer = self.chunks[0].buffers[0].grad_data
+        buffer.view(-1)[buffer.numel() // 2] = float("nan")
+        print(f"[faults] rank {self.rank}: NaN in a gradient at step {step}", flush=True)
 
     def observed_loss(self, step: int, loss: float) -> float:
         """The loss as the run sees it: times loss_spike_factor at loss_spike_at_step (every rank)."""

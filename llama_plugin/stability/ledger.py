@@ -73,6 +73,11 @@ class SkipLedger:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            fd = os.open(self.path.parent, os.O_RDONLY)  # the rename itself must be durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return skip
 
 

@@ -50,14 +50,19 @@ def _one_pass(chunks, batch: Batch, with_grads: bool) -> list[int]:
         for param in c.parameters():
             param.grad = None  # the optimizer aliases .grad to the buffer; autograd would add into it
     config = chunks[0].config
-    finalize, config.finalize_model_grads_func = config.finalize_model_grads_func, None
+    # No data-parallel reduction: this rank's own gradients are compared. The schedule's own
+    # no_sync (config.no_sync_func, set with overlap_grad_reduce) would end on the last micro-batch
+    # and start an asynchronous reduce that nothing waits for (the next step's reduce then finds it
+    # outstanding), so it is switched off and ours holds for the whole pass.
+    saved = config.finalize_model_grads_func, config.no_sync_func
+    config.finalize_model_grads_func = config.no_sync_func = None
     try:
         with contextlib.ExitStack() as stack:
             for c in chunks:
-                stack.enter_context(c.no_sync())  # no data-parallel reduction: compare this rank's own grads
+                stack.enter_context(c.no_sync())
             stats = _run_schedule(chunks, [batch], forward_only=False)
     finally:
-        config.finalize_model_grads_func = finalize
+        config.finalize_model_grads_func, config.no_sync_func = saved
     return _fingerprint(chunks, with_grads, stats)
 
 
