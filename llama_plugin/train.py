@@ -320,8 +320,8 @@ def run(cfg, notes: list[str]) -> dict:
         if rank == 0:
             first = ledger.batch_index(plan.skip_from_step) - skipped
             print(f"[stability] step {at_step}: {reason}; rolled back to {plan.target.name}, skipping global batches "
-                  f"{first}..{first + skipped - 1} from step {plan.skip_from_step} on ({skipped}: through the spike's "
-                  f"plus stability.skip_batches={s.skip_batches}; ledger {ledger.path})", flush=True)
+                  f"{first}..{first + skipped - 1} from step {plan.skip_from_step} on ({skipped}: through step {at_step}'s "
+                  f"batch plus stability.skip_batches={s.skip_batches}; ledger {ledger.path})", flush=True)
             if skipped < plan.skip:
                 print(f"[stability] warning: the data reserve is used up (stability.data_reserve_batches="
                       f"{s.data_reserve_batches}); skipped {skipped} of {plan.skip}", flush=True)
@@ -531,12 +531,14 @@ def agreed(reason: str | None, elsewhere: str) -> str | None:
 
 
 def report_sdc(run_dir: Path, bad: list[tuple[int, str]], step: int, rank: int) -> int:
-    """Name the ranks whose recomputation differed; ask for a requeue without their node.
+    """Name the ranks whose own computation differed (stability/sdc.py); ask for a requeue without
+    their node.
 
-    A data-parallel rank computes alone, so a fault shows on its rank only. Tensor-parallel peers
-    share activations, so they all differ, but they share a node too (slurm.launch keeps TP within
-    one). Pipeline stages pass the corruption on to other nodes: named ranks on several nodes do not
-    localize the fault, and no node is excluded.
+    A data-parallel rank computes alone; a pipeline stage that received the same activations (and
+    gradients) in both passes but produced different ones is the faulty one, not the stages after
+    it. Tensor-parallel peers share activations, so they are named together, but they share a node
+    (slurm.launch keeps TP within one). Named ranks on several nodes do not localize the fault, and
+    no node is excluded.
     """
     hosts = sorted({h for _, h in bad})
     exclude = hosts if len(hosts) == 1 else []

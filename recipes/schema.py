@@ -256,6 +256,7 @@ class FaultsConfig:
 
     loss_spike_at_step: Optional[int] = None  # the step's loss, as the run sees it, times loss_spike_factor
     loss_spike_factor: float = 10.0
+    loss_spike_steps: int = 1  # in this many steps run from then on (replays count; more than the run: a lasting rise)
     nan_grad_at_step: Optional[int] = None  # a NaN in one gradient element of nan_grad_rank,
     nan_grad_steps: int = 1  # in this many steps run from then on (replays count; more than the run: for good)
     nan_grad_rank: int = 0

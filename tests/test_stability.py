@@ -79,9 +79,57 @@ def test_a_damaged_checkpoint_fails_verification_naming_the_file(copy, fault, ex
     assert reason is not None and expect in reason and (fault == "torn_manifest" or target.name in reason), reason
 
 
-def test_checkpoint_without_manifest_is_accepted_as_older_format(copy):
-    (copy / manifest.MANIFEST).unlink()
+def test_checkpoint_without_manifest_is_accepted_only_if_it_predates_manifests(copy):
+    import json
+
+    (copy / manifest.MANIFEST).unlink()  # half deleted: its model record says it had one
+    assert "manifest.json: missing, though llama_model.json says" in manifest.verify(copy)
+    record = json.loads((copy / checkpoint.MODEL_FILE).read_text())
+    del record["manifest"]  # as written before manifests
+    (copy / checkpoint.MODEL_FILE).write_text(json.dumps(record))
     assert manifest.verify(copy) is None and manifest.read_manifest(copy) is None
+    (copy / checkpoint.MODEL_FILE).unlink()  # and without a record it is no checkpoint at all
+    assert "llama_model.json is unreadable: an incomplete checkpoint" in manifest.verify(copy)
+
+
+def test_a_rollback_sets_abandoned_checkpoints_aside_and_pruning_removes_them_once_passed(tmp_path):
+    from llama_plugin.stability.rollback import set_aside_abandoned
+
+    for step in (4, 6, 8):
+        d = tmp_path / checkpoint.step_dir_name(step)
+        d.mkdir()
+        (d / checkpoint.MODEL_FILE).write_text("{}")
+        (d / checkpoint.TRAIN_STATE_FILE).write_text("{}")
+    moved = set_aside_abandoned(tmp_path, 4)
+    assert sorted(p.name for p in moved) == ["step_00000006.abandoned-0", "step_00000008.abandoned-0"]
+    assert [k for k, _ in checkpoint.complete_checkpoints(tmp_path)] == [4]
+    checkpoint.prune_checkpoints(tmp_path, 2)
+    assert len(list(tmp_path.glob("*.abandoned-*"))) == 2  # the kept trajectory has not passed them
+    d = tmp_path / checkpoint.step_dir_name(6)  # the replay saves step 6 again
+    d.mkdir()
+    (d / checkpoint.MODEL_FILE).write_text("{}")
+    (d / checkpoint.TRAIN_STATE_FILE).write_text("{}")
+    checkpoint.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006", "step_00000008.abandoned-0"]
+
+
+def test_rollback_plan_restarts_rollback_steps_before_the_spike_and_skips_through_it(tmp_path, monkeypatch):
+    """PaLM's protocol with the recipe's numbers: checkpoints every 1000 steps, a spike at step
+    1500, rollback_steps 100, skip_batches 200: the run reloads step 1000, replays the data up to
+    step 1400 and skips the 100 batches leading into the spike and 200 after, so the spike's batch
+    (1499) is never read again."""
+    from llama_plugin.stability import rollback
+    from llama_plugin.stability.ledger import SkipLedger
+
+    monkeypatch.setattr(rollback, "rollback_target", lambda root, limit, at: (1000, tmp_path / "step_00001000"))
+    plan = rollback.plan(tmp_path, 1500, 100, 200)
+    assert (plan.target_step, plan.skip_from_step, plan.skip) == (1000, 1400, 300)
+    ledger = SkipLedger(tmp_path / "l.json", 1000)
+    before = [ledger.batch_index(s) for s in range(1000, 1500)]
+    ledger.add(plan.skip_from_step, plan.skip, write=True)
+    after = [ledger.batch_index(s) for s in range(1000, 1800)]
+    assert after[:400] == before[:400]  # steps 1000..1399 replay the same batches
+    assert 1499 not in after and after[400] == 1700  # the spike's batch skipped, 200 more after it
 
 
 def test_set_aside_keeps_the_damaged_checkpoint_out_of_the_way(copy):

@@ -38,8 +38,9 @@ def check_stability(cfg, world_size: int) -> None:
     for key in ("nan_grad_rank", "bitflip_rank", "hang_rank", "straggler_rank", "kill_rank"):
         if f[key] is not None and not 0 <= f[key] < world_size:
             raise RecipeError(f"faults.{key}: {f[key]} is not a rank of this run (world size {world_size})")
-    if f.nan_grad_steps < 1:
-        raise RecipeError(f"faults.nan_grad_steps: must be >= 1, got {f.nan_grad_steps}")
+    for key in ("nan_grad_steps", "loss_spike_steps"):
+        if f[key] < 1:
+            raise RecipeError(f"faults.{key}: must be >= 1, got {f[key]}")
     if f.straggler_sleep_s < 0:
         raise RecipeError(f"faults.straggler_sleep_s: must be >= 0, got {f.straggler_sleep_s}")
     gpus = cfg.cluster.nodes * cfg.cluster.gpus_per_node

@@ -70,22 +70,36 @@ class FaultInjector:
         the first nan_grad_steps steps run from nan_grad_at_step on (replays after a rollback
         count: a count longer than the run is a device that stays broken). The count survives a
         restart (a marker in incidents/)."""
-        first = self.f.nan_grad_at_step
-        if first is None or step < first or self.rank != self.f.nan_grad_rank:
+        if self.rank != self.f.nan_grad_rank or not self._counted("nan_grad", step, self.f.nan_grad_at_step,
+                                                                  self.f.nan_grad_steps):
             return
-        marker = self.markers / f"fault-nan_grad-rank{self.rank}.count"
-        fired = int(marker.read_text()) if marker.exists() else 0
-        if fired >= self.f.nan_grad_steps:
-            return
-        self.markers.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{fired + 1}\n")
-        buffer = self.chunks[0].buffers[0].grad_data
-        buffer.view(-1)[buffer.numel() // 2] = float("nan")
+        # In the middle of this rank's own shard of the first bucket: the distributed optimizer
+        # reads only the shard it owns (the rest of its buffer is stale after the reduce-scatter).
+        from megatron.core import parallel_state
+
+        grads = self.chunks[0].buffers[0].buckets[0].grad_data.view(-1)
+        dp = parallel_state.get_data_parallel_world_size()
+        shard = grads.numel() // dp
+        grads[parallel_state.get_data_parallel_rank() * shard + shard // 2] = float("nan")
         print(f"[faults] rank {self.rank}: NaN in a gradient at step {step}", flush=True)
 
+    def _counted(self, name: str, step: int, first: int | None, times: int) -> bool:
+        """Whether a fault fires in this run of `step`: in the first `times` steps run from step
+        `first` on (replays after a rollback count), counted across restarts in incidents/."""
+        if first is None or step < first:
+            return False
+        marker = self.markers / f"fault-{name}-rank{self.rank}.count"  # per rank: all ranks must agree
+        fired = int(marker.read_text()) if marker.exists() else 0
+        if fired >= times:
+            return False
+        self.markers.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{fired + 1}\n")
+        return True
+
     def observed_loss(self, step: int, loss: float) -> float:
-        """The loss as the run sees it: times loss_spike_factor at loss_spike_at_step (every rank)."""
-        if self._once("spike", step, self.f.loss_spike_at_step):
+        """The loss as the run sees it: times loss_spike_factor from loss_spike_at_step on, in
+        loss_spike_steps steps run (every rank; more than the run: a lasting rise)."""
+        if self._counted("spike", step, self.f.loss_spike_at_step, self.f.loss_spike_steps):
             if self.rank == 0:
                 print(f"[faults] loss spike injected at step {step}: {loss:.4f} x {self.f.loss_spike_factor:g}", flush=True)
             return loss * self.f.loss_spike_factor
