@@ -181,11 +181,19 @@ def _adam_steps(optimizer) -> list:
     return steps
 
 
+def _step_per_parameter(inner) -> bool:
+    """Whether an inner optimizer keeps Adam's step in each parameter's state (torch's Adam(W), our
+    Adafactor) rather than in its parameter groups (TransformerEngine's and apex's FusedAdam, which
+    megatron picks where they import: their state_dict() fails on a per-parameter 'step')."""
+    return not type(inner).__module__.startswith(("transformer_engine", "apex"))
+
+
 def _set_adam_steps(optimizer, steps: list) -> None:
     """Restore Adam's step counts: without TE/apex the distributed optimizer's dp_reshardable load
-    leaves them at the primed 0, which would redo the bias correction of the first steps."""
+    leaves them at the primed 0, which would redo the bias correction of the first steps. (FusedAdam
+    keeps its step in the parameter groups, which megatron's load restores.)"""
     for inner, step in zip(_inner_optimizers(optimizer), steps):
-        if step is not None:
+        if step is not None and _step_per_parameter(inner):
             for s in inner.state.values():
                 s["step"] = torch.tensor(float(step))
 
@@ -200,8 +208,8 @@ def _prime_distributed_optimizer_state(optimizer) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer) or len(opt.optimizer.state):
-            continue
+        if not isinstance(opt, DistributedOptimizer) or len(opt.optimizer.state) or not _step_per_parameter(opt.optimizer):
+            continue  # FusedAdam's state_dict() reads the step from its groups: nothing to prime
         for group in opt.optimizer.param_groups:
             for p in group["params"]:
                 opt.optimizer.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),

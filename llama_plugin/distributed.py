@@ -7,6 +7,7 @@ the compatibility layer is activated here, before megatron-core touches a device
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from datetime import timedelta
@@ -36,6 +37,11 @@ def init_distributed(
 
             warnings.warn(f"CUDA_DEVICE_MAX_CONNECTIONS={current} replaced by 1: tensor parallelism needs one queue")
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if os.environ.get("LLAMA_REQUIRE_CUDA") == "1" and not torch.cuda.is_available():
+        from llama_plugin.run_files import node_name
+
+        raise DeviceError(f"{node_name()}: the job asked for GPUs (cluster.gres) but CUDA is not available here "
+                          f"(driver, CUDA_VISIBLE_DEVICES or a CPU build of torch); refusing to train on the CPU")
     cpu_compat.activate()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -73,6 +79,16 @@ def init_distributed(
     np.random.seed(stage_seed)
     torch.manual_seed(stage_seed)
     model_parallel_cuda_manual_seed(stage_seed)
+
+
+class DeviceError(RuntimeError):
+    """This node cannot run the job as asked (no working CUDA where GPUs were requested)."""
+
+
+def process_group_timeout_minutes(hang_timeout_s: float) -> int:
+    """The collectives' timeout: longer than the hang watchdog's (stability.hang_timeout_s), so the
+    watchdog, which dumps stacks and asks for a requeue, acts before NCCL's watchdog aborts."""
+    return max(30, math.ceil(hang_timeout_s / 60) + 10)
 
 
 def shutdown() -> None:

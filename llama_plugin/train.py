@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from llama_plugin import checkpoint, flops, throughput
 from llama_plugin.data import build_datasets, check_data_files, micro_batches, source_counts
-from llama_plugin.distributed import device, init_distributed, shutdown
+from llama_plugin.distributed import DeviceError, device, init_distributed, process_group_timeout_minutes, shutdown
 from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.optim import batch_ramp
 from llama_plugin.metrics_log import MetricsLog, format_line
@@ -177,7 +177,7 @@ def adafactor_settings(o) -> dict | None:
 def run(cfg, notes: list[str]) -> dict:
     """Train; returns a summary (final losses, where things are, the exit code it asks for)."""
     p, t, o, s = cfg.parallel, cfg.train, cfg.optimizer, cfg.stability
-    init_distributed(p.tensor, p.pipeline, seed=t.seed)
+    init_distributed(p.tensor, p.pipeline, seed=t.seed, timeout_minutes=process_group_timeout_minutes(s.hang_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = _DTYPE[t.precision]
     run_dir, ckpt_root = Path(t.run_dir), Path(t.run_dir) / "checkpoints"
@@ -676,7 +676,7 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = run(cfg, notes)
-    except (checkpoint.CheckpointError, LedgerError, StabilityError) as e:
+    except (checkpoint.CheckpointError, LedgerError, StabilityError, DeviceError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2

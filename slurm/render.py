@@ -34,7 +34,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SCRIPT_VARIABLES = {"RUN_DIR", "SLURM_DIR", "SCRIPT", "MAX_RESTARTS", "CHAIN_JOBS", "MAX_FAILURES", "RESTARTS",
                      "CHAIN_INDEX", "LLAMA_CHAIN_INDEX", "LLAMA_RESTART_BASE", "RECIPE_FILE", "TRAIN_MODULE",
                      "NPROC_PER_NODE", "RDZV_PORT", "MASTER_ADDR", "stop_asked", "successor", "successor_record",
-                     "failures", "srun_pid", "rc", "exclude", "reason", "hosts", "replacement", "stop_signal"}
+                     "failures", "srun_pid", "rc", "exclude", "reason", "hosts", "replacement", "stop_signal",
+                     "LLAMA_REQUIRE_CUDA"}
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")
 
@@ -137,6 +138,10 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
             setup.append(f': "${{{name}:?cluster.env.{name} is a secret passed by slurm.launch; it is not set}}"')
             continue
         setup.append(f"export {name}={sh(f'cluster.env.{name}', value)}")
+    if c.gres:
+        # The job asked for GPUs: a rank that finds no working CUDA fails at start (naming its
+        # node) instead of joining as a gloo/CPU rank that hangs the job for its timeout.
+        setup.append("export LLAMA_REQUIRE_CUDA=1")
     # Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without it the node's one
     # task (torchrun and all its ranks) is bound to a single CPU.
     srun_opts = ["--ntasks-per-node=1", f"--cpus-per-task={int(c.cpus_per_node)}", "--kill-on-bad-exit=1"]

@@ -349,3 +349,46 @@ def test_bad_input_table(name, cli, args, expect, demo_data, tmp_path, monkeypat
 
 def test_the_table_has_forty_rows():
     assert len(BAD_INPUTS) >= 40
+
+
+def test_a_node_without_cuda_in_a_gpu_job_fails_at_start_naming_it(demo_data, tmp_path):
+    """slurm/render.py exports LLAMA_REQUIRE_CUDA=1 in jobs that ask for GPUs; without CUDA a rank
+    refuses to become a gloo/CPU rank (which would hang the job until the collectives time out)."""
+    import os
+    import subprocess
+    import sys
+
+    from llama_plugin.run_files import node_name
+
+    env = dict(os.environ, DEMO_DATA=str(demo_data), LLAMA_REQUIRE_CUDA="1")
+    r = subprocess.run([sys.executable, "-m", "llama_plugin.train", "tiny_cpu", "parallel=cpu_single",
+                        f"train.run_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {node_name()}: the job asked for GPUs (cluster.gres) but CUDA is not available here (driver, "
+        f"CUDA_VISIBLE_DEVICES or a CPU build of torch); refusing to train on the CPU")
+
+
+def test_collectives_outlast_the_hang_watchdog():
+    """NCCL's own watchdog aborts a collective after the process-group timeout, with no stacks and
+    no requeue.json: the timeout must exceed stability.hang_timeout_s (1800 s in every recipe)."""
+    from llama_plugin.distributed import process_group_timeout_minutes
+
+    for hang_s in (60, 1800, 3600, 7200):
+        assert process_group_timeout_minutes(hang_s) * 60 >= hang_s + 600
+
+
+def test_fused_adam_keeps_its_step_in_its_groups_and_is_not_given_one_per_parameter():
+    """Where TransformerEngine imports, megatron's optimizer is TE's FusedAdam, whose state_dict()
+    fails on a per-parameter 'step'; torch's Adam keeps it there and needs it restored."""
+    from llama_plugin.checkpoint import _set_adam_steps
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    fused = type("FusedAdam", (torch.optim.Optimizer,), {"__module__": "transformer_engine.pytorch.optimizers.fused_adam"})(
+        [p], {"lr": 1.0})
+    plain = torch.optim.Adam([p])
+    for inner in (fused, plain):
+        inner.state[p] = {"exp_avg": torch.zeros(2)}
+    _set_adam_steps(type("W", (), {"optimizer": fused})(), [7])
+    _set_adam_steps(type("W", (), {"optimizer": plain})(), [7])
+    assert "step" not in fused.state[p] and float(plain.state[p]["step"]) == 7.0

@@ -177,6 +177,8 @@ def test_rendered_scripts_pass_shellcheck_and_quote_every_value(demo_data, tmp_p
         assert (layout["world_size"], layout["tensor"], layout["pipeline"], layout["data"]) == (2048, tp, pp, 2048 // (tp * pp))
         assert subprocess.run(["shellcheck", str(script)]).returncode == 0
     text = scripts[2].read_text()
+    # GPUs asked for: a rank without working CUDA fails at start (llama_plugin.distributed)
+    assert "export LLAMA_REQUIRE_CUDA=1" in text and "LLAMA_REQUIRE_CUDA" not in scripts[0].read_text()
     assert "source '/opt/venv $HOME/bin/activate'" in text
     assert "export NCCL_SOCKET_IFNAME='eth0 `id`'" in text
     assert '#SBATCH --partition="gpu a"' in text and '#SBATCH --account="proj;1"' in text
