@@ -15,6 +15,9 @@ from pathlib import Path
 
 RUN_STATE = "run_state.json"
 FINISHED_MARKER = "FINISHED"
+# Training reached train.exit_at_step (before train.steps): the job chain ends there; a new launch
+# (slurm.launch removes it) goes on.
+PAUSED_MARKER = "PAUSED"
 STOP_FILE = "STOP"
 REQUEUE_REQUEST = "requeue.json"
 INCIDENTS_DIR = "incidents"

@@ -41,8 +41,8 @@ from llama_plugin.distributed import DeviceError, device, init_distributed, proc
 from llama_plugin.layout import num_microbatches, resolve
 from llama_plugin.optim import batch_ramp
 from llama_plugin.metrics_log import MetricsLog, format_line
-from llama_plugin.run_files import (EXIT_REQUEUE, EXIT_SDC, FINISHED_MARKER, RUN_STATE, STOP_FILE, StopRequest,
-                                     node_name, redact_secrets, write_requeue_request)
+from llama_plugin.run_files import (EXIT_REQUEUE, EXIT_SDC, FINISHED_MARKER, PAUSED_MARKER, RUN_STATE, STOP_FILE,
+                                     StopRequest, node_name, redact_secrets, write_requeue_request)
 from llama_plugin.model import ModelConfigError, build_gpt_model, transformer_config
 from llama_plugin.stability import manifest
 from llama_plugin.stability.faults import FaultInjector, any_enabled
@@ -183,6 +183,7 @@ def run(cfg, notes: list[str]) -> dict:
     run_dir, ckpt_root = Path(t.run_dir), Path(t.run_dir) / "checkpoints"
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        (run_dir / PAUSED_MARKER).unlink(missing_ok=True)  # this run goes on
     dist.barrier()
 
     model, chunks, optimizer = build_model_and_optimizer(cfg)
@@ -369,7 +370,7 @@ def run(cfg, notes: list[str]) -> dict:
     _get_write_results_queue()
     faults = FaultInjector(cfg.faults, chunks, run_dir) if any_enabled(cfg.faults) else None
     stragglers = StragglerMonitor(s.straggler_factor, run_dir)
-    watchdog = HangWatchdog(run_dir, rank, s.hang_timeout_s)
+    watchdog = HangWatchdog(run_dir, rank, s.hang_timeout_s, world)
     last_loss = last_val = None
     first_val = None
     window_tokens, window_time = 0, 0.0  # training steps only: evaluation and saving excluded
@@ -519,6 +520,8 @@ def run(cfg, notes: list[str]) -> dict:
             stop.stop_file.unlink(missing_ok=True)  # served; a resumed run must not stop at once
         if summary["finished"]:
             _write_json_atomic(run_dir / FINISHED_MARKER, {"step": step, "checkpoint": summary["checkpoint"]})
+        elif t.exit_at_step and step >= t.exit_at_step and not stopped and not exit_code:
+            _write_json_atomic(run_dir / PAUSED_MARKER, {"step": step, "exit_at_step": t.exit_at_step})
     dist.barrier()
     return summary
 

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from llama_plugin.layout import resolve
 from recipes import RECIPES_DIR, RecipeError, compose
 from recipes.schema import RecipeConfig
-from llama_plugin.run_files import is_secret
+from llama_plugin.run_files import PAUSED_MARKER, is_secret
 from slurm.render import CHAIN_STOP, JOBS_FILE, render
 
 USAGE = "usage: python -m slurm.launch <recipe> [overrides] [--dry-run] [--skip-memory-check]"
@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     if dry_run:
         return 0
     env = dict(os.environ, **secrets)
+    (script_file.parents[1] / PAUSED_MARKER).unlink(missing_ok=True)  # a new launch goes on past train.exit_at_step
     result = subprocess.run(["sbatch", "--parsable", str(script_file)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(f"error: sbatch refused {script_file}: {result.stderr.strip()}", file=sys.stderr)

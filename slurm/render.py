@@ -17,7 +17,7 @@ import re
 import shlex
 from pathlib import Path
 
-from llama_plugin.run_files import FINISHED_MARKER, REQUEUE_REQUEST, STOP_FILE, is_secret
+from llama_plugin.run_files import FINISHED_MARKER, PAUSED_MARKER, REQUEUE_REQUEST, STOP_FILE, is_secret
 from recipes import RecipeError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +169,7 @@ def render(cfg, run_dir: Path, recipe_file: Path, script_file: Path, workdir: Pa
         "CHAIN_JOBS": str(int(c.chain_jobs)),
         "MAX_FAILURES": str(int(c.max_failures)),
         "FINISHED_MARKER": FINISHED_MARKER,
+        "PAUSED_MARKER": PAUSED_MARKER,
         "STOP_FILE": STOP_FILE,
         "REQUEUE_REQUEST": REQUEUE_REQUEST,
         "CHAIN_STOP": CHAIN_STOP,
@@ -249,6 +250,10 @@ export PYTHONPATH=@PROJECT_ROOT@${PYTHONPATH:+:$PYTHONPATH}
 
 if [ -e "$RUN_DIR/@FINISHED_MARKER@" ]; then
     log "the run is finished ($RUN_DIR/@FINISHED_MARKER@); nothing to do"
+    exit 0
+fi
+if [ -e "$RUN_DIR/@PAUSED_MARKER@" ]; then
+    log "the run paused at train.exit_at_step ($RUN_DIR/@PAUSED_MARKER@); nothing to do until a new launch"
     exit 0
 fi
 
@@ -361,6 +366,11 @@ if [ "$rc" -ne 0 ]; then
         echo $(($(cat "$SLURM_DIR/chain_failures" 2>/dev/null || echo 0) + 1)) >"$SLURM_DIR/chain_failures"
     fi
     exit "$rc"
+fi
+if [ -e "$RUN_DIR/@PAUSED_MARKER@" ]; then
+    log "training paused at train.exit_at_step; the run goes on only from a new launch (a later train.exit_at_step)"
+    rm -f "$SLURM_DIR/chain_failures"
+    exit 0
 fi
 # Exit 0 without the marker: training checkpointed and stopped (signal or train.exit_interval).
 rm -f "$SLURM_DIR/chain_failures"

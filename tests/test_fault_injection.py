@@ -48,6 +48,9 @@ def nan_and_spike(demo_data, tmp_path_factory):
     (root / "ref" / "skipped_batches.json").write_text(json.dumps(
         {"entries": [{"at_step": 2, "skip": 1}, {"at_step": 5, "skip": 5}]}))
     ref = train(demo_data, root / "ref", *DP2, "train.exit_at_step=11")
+    # paused, not finished: a Slurm chain ends here instead of resubmitting jobs that exit at once
+    assert json.loads((root / "ref" / "PAUSED").read_text()) == {"step": 11, "exit_at_step": 11}
+    assert not (root / "ref" / "FINISHED").exists()
     return root, fault, ref
 
 

@@ -412,8 +412,8 @@ def test_silent_data_corruption_requeues_the_run_without_the_node(slurm, demo_da
 
 def test_a_hang_hands_the_run_to_the_next_job_and_it_finishes(slurm, demo_data, tmp_path):
     """Rank 1 stops at step 2 (before any checkpoint); after hang_timeout_s (10 s) every rank's
-    watchdog dumps its stacks and exits; the job asks for a requeue, and in a chain its waiting
-    successor takes over (a plain `scontrol requeue` adds Slurm's requeue delay; the preemption test
+    watchdog dumps its stacks and exits; rank 0's names rank 1 (the one not waiting in a collective)
+    and the job asks for a requeue without its node, and in a chain its waiting successor takes over (a plain `scontrol requeue` adds Slurm's requeue delay; the preemption test
     covers that branch) and finishes the run."""
     slurm.ensure(nodes=2, cpus=2)
     run_dir = tmp_path / "run"
@@ -426,6 +426,9 @@ def test_a_hang_hands_the_run_to_the_next_job_and_it_finishes(slurm, demo_data, 
     out = job_output(run_dir)
     assert info["JobState"] == "COMPLETED", out[-3000:]
     assert '"reason": "hang"' in out and f"chain job {successor} continues" in out
+    # rank 1 was not waiting for anyone: it alone is named, and its node is left out from now on
+    assert '"ranks": [1], "hosts": ["node1"], "exclude_hosts": ["node1"]' in out, out[-3000:]
+    assert job_info(successor)["NodeList"] == "node2"
     stacks = {p.name.split("-rank")[1][0]: p.read_text() for p in (run_dir / "incidents").glob("hang-step2-*.txt")}
     assert sorted(stacks) == ["0", "1"]
     idle = float(re.search(r"no step finished for (\d+) s", stacks["1"]).group(1))
