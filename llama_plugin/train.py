@@ -13,10 +13,12 @@ file, mark a completed run.
 
 Stability (llama_plugin/stability/, recipe group `stability`): a step with a non-finite loss or grad
 norm on any rank is not applied; a loss spike, or too many such steps in a row, rolls back to an
-older checkpoint and skips data (skipped_batches.json); every sdc_check_interval steps one
-micro-batch is recomputed and compared bitwise (a mismatch: checkpoint, exit 76 and requeue.json
-naming the node); a hang dumps stacks to incidents/ and exits 75 for a requeue; every rank's step
-time goes to step_times.jsonl. Goodput goes to run_state.json and W&B.
+older checkpoint and skips data through the spike (skipped_batches.json); rollbacks that keep
+meeting it are capped (non-finite: exit 75 and requeue.json naming the ranks' node; a loss rise:
+accepted); every sdc_check_interval steps one micro-batch is recomputed and compared bitwise (a
+mismatch: checkpoint, exit 76 and requeue.json naming the node); a hang dumps stacks to incidents/
+and exits 75 for a requeue; every rank's compute time goes to step_times.jsonl. Goodput goes to
+run_state.json and W&B. train.exit_at_step leaves PAUSED (a Slurm chain ends there).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ composes them, the `stability` recipe group configures them (recipes/schema.py S
     manifest.py    verified checkpoints: every rank fsyncs the files it wrote, a manifest holds a
                    checksum per file, and a checkpoint that fails verification is never loaded
     spikes.py      loss-spike detection over a running window (PaLM's protocol, section 5.1)
+    rollback.py    where a rollback goes and what it skips; when rollbacks stop helping
     ledger.py      the skip ledger: which global batches a rollback left out; step -> batch
     sdc.py         silent data corruption: one micro-batch recomputed and compared bitwise
     watchdog.py    hangs: stacks of every thread to incidents/, exit for a requeue

@@ -1,7 +1,10 @@
 """Faults injected on purpose (recipe group `faults`, off by default) to prove that the stability
-machinery catches each one. Steps are 1-based. The one-off faults (NaN, spike, hang) fire once per
-run: a marker in <run_dir>/incidents/ remembers, so a rolled-back or requeued run does not meet
-them again. The bit flip is a faulty device: on from its step on, on `bitflip_node` only if set."""
+machinery catches each one. Steps are 1-based. The hang and the kill fire once per run: a marker in
+<run_dir>/incidents/ remembers, so a rolled-back or requeued run does not meet them again. The NaN
+and the loss spike fire in the first nan_grad_steps / loss_spike_steps steps run from their step
+on (replays after a rollback count, and so does a restart): 1 is a one-off, more than the run a
+device or a data region that stays bad. The bit flip is a faulty device: on from its step on, on
+`bitflip_node` only if set. The straggler computes longer before the gradient reduction."""
 
 from __future__ import annotations
 
