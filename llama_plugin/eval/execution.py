@@ -88,3 +88,8 @@ def humaneval_program(prompt: str, completion: str, test: str, entry_point: str)
     """The program HumanEval's evaluation runs: the prompt and completion, the test code, and
     check(<entry point>)."""
     return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
+
+
+def mbpp_program(completion: str, test: str) -> str:
+    """MBPP's check (Austin et al.): the generated code, then the item's setup code and asserts."""
+    return f"{completion}\n\n{test}\n"

