@@ -8,7 +8,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 
 def make_hf_llama(path, *, num_key_value_heads=4, seed=0, dtype="float32", num_layers=2, vocab=512, hidden=64,
-                  intermediate=192, rms_norm_eps=1e-6, sliding_window=None):
+                  intermediate=192, rms_norm_eps=1e-6, sliding_window=None, max_positions=128):
     """A randomly initialised tiny HF LlamaForCausalLM (MistralForCausalLM with a sliding window)
     saved as config.json + model.safetensors."""
     import torch
@@ -17,7 +17,7 @@ def make_hf_llama(path, *, num_key_value_heads=4, seed=0, dtype="float32", num_l
     torch.manual_seed(seed)
     shape = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=max_positions,
         rms_norm_eps=rms_norm_eps, tie_word_embeddings=False,
     )
     if sliding_window is None:

