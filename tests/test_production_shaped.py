@@ -2,8 +2,8 @@
 their own layout kind, distributed optimizer with overlapped reduce and gather, bf16, batch ramp,
 uneven stages, stability intervals in their shipped order (SDC probe, save and evaluation every
 4 of 12 steps), on 2 gloo processes. Each run is killed (SIGKILL, at the start of step 7) and
-resumed from its step-4 checkpoint, meets a loss spike at step 11 and rolls back; the replayed
-steps must equal the killed run's bit for bit.
+resumed from its step-4 checkpoint, meets a loss spike at step 11 twice (the replay meets it
+again) and rolls back each time; the replayed steps must equal the killed run's bit for bit.
 
 One run per recipe family (the family's largest layout: pipeline parallel where it has one), and
 LaMDA's and the sliding-window model on the LLaMA recipes they would be trained with (tensor
@@ -74,7 +74,8 @@ FAMILIES = family_runs()
 @pytest.mark.parametrize("name,extra", FAMILIES, ids=[n + "".join(f"+{e}" for e in x) for n, x in FAMILIES])
 def test_production_shaped_run_survives_a_kill_a_spike_and_every_periodic_mechanism(demo_data, tmp_path, name, extra):
     run = tmp_path / "run"
-    args = [*shrunk(name, extra), f"train.run_dir={run}", "faults.kill_at_step=7", "faults.loss_spike_at_step=11"]
+    args = [*shrunk(name, extra), f"train.run_dir={run}", "faults.kill_at_step=7", "faults.loss_spike_at_step=11",
+            "faults.loss_spike_steps=2"]
     env = {"DEMO_DATA": str(demo_data)}
     killed = torchrun(args, env, nproc=WORLD)
     assert killed.returncode != 0, killed.stdout[-3000:]
@@ -95,13 +96,13 @@ def test_production_shaped_run_survives_a_kill_a_spike_and_every_periodic_mechan
 
     state = json.loads((run / "run_state.json").read_text())
     assert state["finished"] and (run / "FINISHED").exists()
-    assert state["stability"]["spikes"] == 1 and state["stability"]["rollbacks"] == 1, resumed.stdout[-3000:]
-    assert state["stability"]["sdc_probes"] == 3 - 1 + 1  # steps 4 and 8 and 12, with 8 replayed after the spike
+    assert state["stability"]["spikes"] == 2 and state["stability"]["rollbacks"] == 2, resumed.stdout[-3000:]
+    assert state["stability"]["sdc_probes"] == 3  # steps 4, 8 and 12 (the rollbacks resume after step 8)
     assert "silent data corruption" not in resumed.stdout + resumed.stderr
     ledger = json.loads((run / "skipped_batches.json").read_text())["entries"]
-    # the spike at step 11: back to the step-8 checkpoint, the data from step 9 (rollback_steps=2
+    # each spike at step 11: back to the step-8 checkpoint, the data from step 9 (rollback_steps=2
     # before it) skipped through the spike's batch plus skip_batches=2
-    assert [(e["at_step"], e["skip"], e["checkpoint"]) for e in ledger] == [(9, 4, "step_00000008")]
+    assert [(e["at_step"], e["skip"], e["checkpoint"]) for e in ledger] == [(9, 4, "step_00000008")] * 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == [
         "step_00000008", "step_00000012"]
     for r in after:
