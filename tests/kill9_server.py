@@ -1,6 +1,8 @@
 """kill -9 at random moments, in bulk: one process imports the training code once, then forks a
-training run (one process, gloo) per segment and kills it with SIGKILL after a random delay, so a
-restart costs a fork, not a Python start. Between kills it may damage the newest checkpoint (a
+training run (one process, gloo) per segment and kills it with SIGKILL at a random moment tied to
+the run's own progress (after a seeded number of its steps have been logged, then a seeded delay
+shorter than a step or a save), so a restart costs a fork, not a Python start, and a slow host
+changes when kills land but not how far each segment gets. Between kills it may damage the newest checkpoint (a
 flipped byte, a truncated file). Then it lets one run finish, and runs an uninterrupted reference.
 
     python -m tests.kill9_server --demo-data D --root R --kills 20 --seed 0 [recipe overrides]
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -41,6 +44,22 @@ def fork_training(argv: list[str], log: Path) -> int:
         sys.stderr.flush()
         os._exit(code)
     return pid
+
+
+_STEP_LINE = re.compile(r"^step (\d+)/", re.M)
+
+
+def wait_for_steps(log: Path, pid: int, steps: int, timeout_s: float = 300.0) -> bool:
+    """Until the segment has logged `steps` training steps (or timeout_s passed); True if it ended
+    before (it is then reaped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log.exists() and len(_STEP_LINE.findall(log.read_text(errors="replace"))) >= steps:
+            return False
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def newest_intact(ckpt_root: Path, damaged: dict[str, tuple[str, bytes]]) -> str | None:
@@ -72,8 +91,9 @@ def main() -> int:
     p.add_argument("--root", required=True, type=Path)
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-delay", type=float, default=1.0)
-    p.add_argument("--max-delay", type=float, default=5.0)
+    p.add_argument("--min-steps", type=int, default=1, help="kill after this many logged steps at least")
+    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--max-delay", type=float, default=0.3, help="then within this many seconds")
     args, overrides = p.parse_known_args()
     os.environ["DEMO_DATA"] = args.demo_data
     import llama_plugin.train  # noqa: F401 - imported once, before the forks
@@ -88,14 +108,21 @@ def main() -> int:
     segments, damaged = [], {}
     for i in range(args.kills):
         expected = newest_intact(run_dir / "checkpoints", damaged)
-        delay = rng.uniform(args.min_delay, args.max_delay)
+        steps = rng.randint(args.min_steps, args.max_steps)
+        delay = rng.uniform(0.0, args.max_delay)
         log = root / f"segment_{i:02d}.log"
         pid = fork_training(argv, log)
-        time.sleep(delay)
-        os.killpg(pid, signal.SIGKILL)  # as Slurm kills every process of a job
-        os.waitpid(pid, 0)
+        ended = wait_for_steps(log, pid, steps)
+        if not ended:
+            time.sleep(delay)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # as Slurm kills every process of a job
+        except ProcessLookupError:
+            pass
+        if not ended:
+            os.waitpid(pid, 0)
         during_save = any((run_dir / "checkpoints").glob("step_*.tmp")) if (run_dir / "checkpoints").is_dir() else False
-        seg = {"delay": round(delay, 3), "expected_resume": expected, "during_save": during_save,
+        seg = {"steps": steps, "delay": round(delay, 3), "expected_resume": expected, "during_save": during_save,
                "log": log.read_text()}
         newest = newest_intact(run_dir / "checkpoints", damaged)
         if i in (args.kills // 3, 2 * args.kills // 3) and newest is not None:
