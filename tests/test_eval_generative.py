@@ -202,5 +202,6 @@ def test_math_answers_follow_minervas_normalization_on_real_solutions():
     assert normalize_final_answer("\\$1,000") == "1000" and normalize_final_answer("5 \\text{ cm}") == "5"
     assert normalize_final_answer("\\boxed{\\sqrt2}") == "\\sqrt{2}" and normalize_final_answer("90^\\circ") == "90"
     assert math_answer("Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.") == "-\\frac{2}{3}"
+    assert math_answer("so the area doubles. The final answer is 5.") == "5"  # cut before Minerva's sign-off
     metrics, rows = task_metrics(items[:1], [["The final answer is $2$.", "The final answer is 3", "so $\\boxed{2}$"]])
     assert rows[0]["answers"] == ["2", "3", "2"] and metrics["maj1@3"]["value"] == 1.0

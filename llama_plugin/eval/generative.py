@@ -107,7 +107,8 @@ def last_boxed(text: str) -> str | None:
 def math_answer(generation: str) -> str | None:
     found = _FINAL.findall(generation)
     if found:
-        return normalize_final_answer(found[-1].strip())
+        answer = found[-1].strip()
+        return normalize_final_answer(answer[:-1] if answer.endswith(".") else answer)  # "is 5." without the sign-off
     boxed = last_boxed(generation)
     return normalize_final_answer(boxed) if boxed is not None else None
 

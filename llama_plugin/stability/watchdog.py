@@ -36,6 +36,11 @@ class HangWatchdog:
     def __init__(self, run_dir: Path, rank: int, timeout_s: float, world: int = 1):
         self.run_dir, self.rank, self.timeout_s, self.world = Path(run_dir), rank, timeout_s, world
         self.main_thread = threading.main_thread().ident
+        # this launch: records an earlier job left for the same step are not its ranks' (same job
+        # and restart, written after this process started, allowing a minute of clock skew)
+        self.job = "/".join(os.environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID",
+                                                              "TORCHELASTIC_RESTART_COUNT"))
+        self.started = time.time()
         self.last_progress = time.monotonic()
         self.step = 0
         self._stop = threading.Event()
@@ -56,26 +61,31 @@ class HangWatchdog:
             idle = time.monotonic() - self.last_progress
             if idle < self.timeout_s:
                 continue
-            host = node_name()
-            out = self.run_dir / INCIDENTS_DIR
-            out.mkdir(parents=True, exist_ok=True)
-            stacks = out / f"hang-step{self.step + 1}-rank{self.rank}-{host}.txt"
-            with open(stacks, "w") as f:
-                f.write(f"rank {self.rank} on {host}: no step finished for {idle:.0f} s "
-                        f"(stability.hang_timeout_s={self.timeout_s:g}); step {self.step + 1} in progress\n")
-                f.flush()
-                faulthandler.dump_traceback(file=f, all_threads=True)
-            step = self.step + 1
-            record = {"rank": self.rank, "host": host, "waiting": self._main_thread_communicating()}
-            write_text_atomic(out / f"hang-step{step}-rank{self.rank}.json", json.dumps(record) + "\n")
-            print(f"[stability] rank {self.rank} ({host}): hang, no progress for {idle:.0f} s; stacks in {stacks}; "
-                  f"exiting for a requeue", flush=True)
-            self._request_requeue(out, step)
-            # os._exit skips the cleanup that would end megatron's checkpoint-writer manager (and its
-            # resource tracker); left alive they keep the task's output open after the rank is gone.
-            for child in multiprocessing.active_children():
-                child.kill()
-            os._exit(EXIT_REQUEUE)
+            try:
+                self._report(idle)
+            finally:  # whatever failed above, the rank must not stay hung
+                # os._exit skips the cleanup that would end megatron's checkpoint-writer manager (and
+                # its resource tracker); left alive they keep the task's output open after the rank is gone.
+                for child in multiprocessing.active_children():
+                    child.kill()
+                os._exit(EXIT_REQUEUE)
+
+    def _report(self, idle: float) -> None:
+        host = node_name()
+        out = self.run_dir / INCIDENTS_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        stacks = out / f"hang-step{self.step + 1}-rank{self.rank}-{host}.txt"
+        with open(stacks, "w") as f:
+            f.write(f"rank {self.rank} on {host}: no step finished for {idle:.0f} s "
+                    f"(stability.hang_timeout_s={self.timeout_s:g}); step {self.step + 1} in progress\n")
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+        step = self.step + 1
+        record = {"rank": self.rank, "host": host, "waiting": self._main_thread_communicating(), "job": self.job}
+        write_text_atomic(out / f"hang-step{step}-rank{self.rank}.json", json.dumps(record) + "\n")
+        print(f"[stability] rank {self.rank} ({host}): hang, no progress for {idle:.0f} s; stacks in {stacks}; "
+              f"exiting for a requeue", flush=True)
+        self._request_requeue(out, step)
 
     def _main_thread_communicating(self) -> bool:
         frame = sys._current_frames().get(self.main_thread)
@@ -98,8 +108,12 @@ class HangWatchdog:
         while time.monotonic() < deadline and len(records) < self.world:
             for r in range(self.world):
                 path = out / f"hang-step{step}-rank{r}.json"
-                if r not in records and path.exists():
-                    records[r] = json.loads(path.read_text())
+                try:
+                    record = json.loads(path.read_text()) if r not in records and path.exists() else None
+                except (OSError, json.JSONDecodeError):
+                    record = None
+                if record is not None and record.get("job") == self.job and path.stat().st_mtime > self.started - 60:
+                    records[r] = record
             time.sleep(0.2)
         hung = [r for r in range(self.world) if r not in records or not records[r]["waiting"]]
         hosts = sorted({records[r]["host"] for r in hung if r in records})
