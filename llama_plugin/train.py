@@ -50,7 +50,8 @@ from llama_plugin.stability import manifest
 from llama_plugin.stability.faults import FaultInjector, any_enabled
 from llama_plugin.stability.goodput import Goodput
 from llama_plugin.stability.ledger import LEDGER_FILE, LedgerError, SkipLedger
-from llama_plugin.stability.rollback import RollbackBudget, StabilityError, set_aside_abandoned
+from llama_plugin.stability.rollback import (RollbackBudget, StabilityError, finish_interrupted_rollback,
+                                             set_aside_abandoned)
 from llama_plugin.stability.rollback import plan as rollback_plan
 from llama_plugin.stability.sdc import recompute_check
 from llama_plugin.stability.spikes import SpikeDetector
@@ -198,6 +199,10 @@ def run(cfg, notes: list[str]) -> dict:
     # Resume from the newest verified checkpoint, else start from train.load, else from scratch.
     start_step, load_time = 0, 0.0
     t_load = time.perf_counter()
+    if rank == 0:
+        for aside in finish_interrupted_rollback(ckpt_root, run_dir / LEDGER_FILE):
+            notes.append(f"{aside.name}: saved before a rollback that was interrupted; set aside")
+    dist.barrier()
     resume_dir = newest_verified_checkpoint(ckpt_root, notes)
     if resume_dir is not None:
         state = checkpoint.load_checkpoint(chunks, resume_dir, optimizer)

@@ -222,3 +222,31 @@ def test_goodput_moves_undone_steps_to_rollback():
     g.rolled_back(3)
     assert g.seconds["productive"] == 10.0 + 2.0 and g.seconds["rollback"] == 2.0 and g.seconds["skipped_steps"] == 1.0
     assert g.state_dict()["wall"] >= 100.0
+
+
+def test_a_rollback_interrupted_between_its_ledger_and_its_set_aside_is_finished_on_resume(tmp_path):
+    """The ledger says: back to step 4. Step 6 was saved before that entry (the rollback died
+    before moving it): set aside. Step 8 was saved after it, on the kept trajectory: kept."""
+    import json
+    import os
+
+    from llama_plugin.stability.rollback import finish_interrupted_rollback
+
+    root = tmp_path / "checkpoints"
+    for step in (4, 6, 8):
+        d = root / checkpoint.step_dir_name(step)
+        d.mkdir(parents=True)
+        (d / checkpoint.MODEL_FILE).write_text("{}")
+        (d / checkpoint.TRAIN_STATE_FILE).write_text("{}")
+    ledger = tmp_path / "skipped_batches.json"
+    ledger.write_text(json.dumps({"entries": [{"at_step": 5, "skip": 4, "checkpoint": "step_00000004"}]}))
+    os.utime(root / "step_00000004", (1000, 1000))
+    os.utime(root / "step_00000006", (2000, 2000))
+    os.utime(ledger, (3000, 3000))
+    os.utime(root / "step_00000008", (4000, 4000))
+    moved = finish_interrupted_rollback(root, ledger)
+    assert [p.name for p in moved] == ["step_00000006.abandoned-0"]
+    assert [k for k, _ in checkpoint.complete_checkpoints(root)] == [4, 8]
+    assert finish_interrupted_rollback(root, ledger) == []  # nothing left to finish
+    ledger.write_text(json.dumps({"entries": [{"at_step": 5, "skip": 4}]}))  # a hand-written ledger
+    assert finish_interrupted_rollback(root, ledger) == []

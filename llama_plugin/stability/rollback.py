@@ -63,11 +63,12 @@ def rollback_target(ckpt_root: Path, limit: int, at_step: int) -> tuple[int, Pat
     raise StabilityError(f"step {at_step}: no verified checkpoint before it to roll back to (stability.rollback_steps)")
 
 
-def set_aside_abandoned(ckpt_root: Path, after_step: int) -> list[Path]:
-    """Rename the complete checkpoints newer than `after_step` out of the resume path (rank 0)."""
+def set_aside_abandoned(ckpt_root: Path, after_step: int, only: set | None = None) -> list[Path]:
+    """Rename the complete checkpoints newer than `after_step` (those of `only`, if given) out of
+    the resume path (rank 0)."""
     moved = []
     for step, d in checkpoint.complete_checkpoints(ckpt_root):
-        if step > after_step:
+        if step > after_step and (only is None or step in only):
             n = 0
             while d.with_name(f"{d.name}{ABANDONED}{n}").exists():
                 n += 1
@@ -77,6 +78,27 @@ def set_aside_abandoned(ckpt_root: Path, after_step: int) -> list[Path]:
     if moved:
         manifest.fsync_dir(Path(ckpt_root))
     return moved
+
+
+def finish_interrupted_rollback(ckpt_root: Path, ledger_path: Path) -> list[Path]:
+    """A rollback writes its ledger entry, then sets newer checkpoints aside; a crash between the
+    two leaves checkpoints of the abandoned trajectory in the resume path. Those are the ones newer
+    than the last entry's target and older than the ledger file (checkpoints of the kept trajectory
+    are written after it): set them aside now (rank 0, before choosing where to resume)."""
+    import json
+
+    try:
+        entries = json.loads(Path(ledger_path).read_text())["entries"]
+        target = entries[-1]["checkpoint"]
+        written = Path(ledger_path).stat().st_mtime
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return []
+    target_step = int(target.removeprefix("step_")) if target.removeprefix("step_").isdigit() else None
+    if target_step is None:
+        return []
+    stale = [step for step, d in checkpoint.complete_checkpoints(ckpt_root)
+             if step > target_step and d.stat().st_mtime < written]
+    return set_aside_abandoned(ckpt_root, target_step, only=set(stale)) if stale else []
 
 
 class RollbackBudget:
